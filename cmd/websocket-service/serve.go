@@ -1,0 +1,163 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"strings"
+	"time"
+
+	"github.com/huleedu/websocket-service/internal/broker"
+	"github.com/huleedu/websocket-service/internal/config"
+	"github.com/huleedu/websocket-service/internal/devredis"
+	"github.com/huleedu/websocket-service/internal/gateway"
+	"github.com/huleedu/websocket-service/internal/hub"
+	"github.com/huleedu/websocket-service/internal/jwtauth"
+	"github.com/huleedu/websocket-service/internal/metrics"
+)
+
+func allVariables() []string {
+	out := make([]string, len(config.Variables))
+	for i, v := range config.Variables {
+		out[i] = fmt.Sprintf("%-36s %s (default: %s)", v.Name, v.Meaning, v.Default)
+	}
+	return out
+}
+
+// serve runs the gateway until ctx ends, then shuts down in order: stop
+// accepting, close every client with 1001, close the broker.
+func serve(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
+	fs := newFlagSet("serve", "Run the gateway: WebSocket endpoint /ws/v1/status/{client_id} and /ws, health and metrics.", allVariables(), stderr)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(getenv)
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg, stderr)
+	if cfg.JWTSecretIsDev {
+		log.Warn("JWT_SECRET_KEY is unset: using the development secret (refused in production)")
+	}
+	m := metrics.New()
+
+	redisURL, resp2 := cfg.RedisURL, false
+	if redisURL == "" { // development only: config refuses this in production
+		url, embedded, err := devredis.Resolve(log)
+		if err != nil {
+			return err
+		}
+		if embedded != nil {
+			defer embedded.Close()
+			resp2 = true
+		}
+		redisURL = url
+	}
+	b, err := broker.NewRedis(broker.RedisOptions{
+		URL: redisURL, Prefix: cfg.ChannelPrefix, ProbeInterval: cfg.ProbeInterval, ProbeTimeout: cfg.ProbeTimeout,
+		RESP2: resp2, Logger: log.With("component", "broker"), Observer: m,
+	})
+	if err != nil {
+		return err
+	}
+	h := hub.New(b, hub.Options{
+		MaxConnsPerUser: cfg.MaxConnsPerUser, MaxConns: cfg.MaxConns, MaxMessageBytes: cfg.MaxMessageBytes,
+		Logger: log.With("component", "hub"), Metrics: m,
+	})
+	if err := b.Start(h); err != nil {
+		return err
+	}
+	defer b.Close()
+	auth, err := jwtauth.New(jwtauth.Options{Secret: cfg.JWTSecret, Algorithm: cfg.JWTAlgorithm, Audience: cfg.JWTAudience, Issuer: cfg.JWTIssuer})
+	if err != nil {
+		return err
+	}
+	gw, err := gateway.New(gateway.Options{
+		Environment: cfg.Environment, RedisURL: redisURL, MaxConnsPerUser: cfg.MaxConnsPerUser,
+		MaxHandshakes: cfg.MaxHandshakes, PingInterval: cfg.PingInterval, IdleTimeout: cfg.IdleTimeout,
+		SendQueueMsgs: cfg.SendQueueMsgs, SendQueueBytes: cfg.SendQueueBytes,
+		RateLimit: cfg.RateLimit, RateBurst: cfg.RateBurst, CORSOrigins: cfg.CORSOrigins,
+	}, h, b, auth, m, log.With("component", "gateway"))
+	if err != nil {
+		return err
+	}
+	defer gw.Close()
+
+	srv := &http.Server{
+		Handler:           gw.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	ln, err := net.Listen("tcp", cfg.Addr())
+	if err != nil {
+		return fmt.Errorf("listen on WEBSOCKET_HOST:WEBSOCKET_PORT %s: %w", cfg.Addr(), err)
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	if cfg.PprofAddr != "" {
+		stopPprof, err := servePprof(cfg.PprofAddr, log)
+		if err != nil {
+			return err
+		}
+		defer stopPprof()
+	}
+	log.Info("websocket-service listening", "addr", ln.Addr().String(), "environment", cfg.Environment,
+		"redis", config.MaskURL(redisURL), "channel_prefix", cfg.ChannelPrefix)
+
+	select {
+	case <-ctx.Done():
+	case err := <-serveErr:
+		return fmt.Errorf("http server: %w", err)
+	}
+	log.Info("shutting down", "timeout", cfg.ShutdownTimeout.String(), "connections", h.Count())
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	gw.Drain()
+	if err := srv.Shutdown(sctx); err != nil {
+		log.Warn("http shutdown", "error", err)
+	}
+	if err := gw.CloseAll(sctx); err != nil {
+		log.Warn("closing connections did not finish", "error", err, "remaining", h.Count())
+	}
+	log.Info("shutdown complete")
+	return nil
+}
+
+func newLogger(cfg config.Config, w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: cfg.LogLevel}
+	if cfg.LogFormat == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts)).With("service", "websocket_service")
+}
+
+// servePprof serves net/http/pprof on a loopback address (config enforces it).
+func servePprof(addr string, log *slog.Logger) (stop func(), err error) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("PPROF_ADDR %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) && !strings.Contains(err.Error(), "closed") {
+			log.Warn("pprof server", "error", err)
+		}
+	}()
+	log.Info("pprof listening", "addr", ln.Addr().String())
+	return func() { _ = srv.Close(); <-done }, nil
+}

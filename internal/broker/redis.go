@@ -1,0 +1,511 @@
+package broker
+
+import (
+	"context"
+	crand "crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/huleedu/websocket-service/notify"
+)
+
+var _ Broker = (*RedisBroker)(nil)
+
+// RedisOptions configure a RedisBroker.
+type RedisOptions struct {
+	URL           string        // redis:// or rediss://
+	Prefix        string        // channel = Prefix + ":" + topic
+	ProbeInterval time.Duration // quiet time before the link is probed
+	ProbeTimeout  time.Duration // a probe not back by then breaks the link
+	RESP2         bool          // for Redis-protocol servers without RESP3 (miniredis)
+	Logger        *slog.Logger
+	Observer      Observer // may be nil
+}
+
+// Observer receives the broker's state for metrics.
+type Observer interface {
+	LinkUp(up bool)
+	OutageEnded(d time.Duration)
+	SubscriptionsActive(n int)
+}
+
+// subscribeBatch bounds the channels of one SUBSCRIBE command.
+const subscribeBatch = 2000
+
+// errProbeTimeout marks a link that is open but delivers nothing.
+var errProbeTimeout = errors.New("pub/sub probe not received in time")
+
+// RedisBroker subscribes to user channels over one dedicated pub/sub
+// connection shared by every topic, plus one command connection (PUBLISH,
+// PING). Its loop goroutine owns the pub/sub connection: it batches
+// subscription changes, probes a quiet link, and reconnects with jittered
+// backoff, re-subscribing every wanted topic before reporting the link up.
+type RedisBroker struct {
+	opts      RedisOptions
+	clientOpt rueidis.ClientOption
+	log       *slog.Logger
+	obs       Observer
+	probeCh   string
+
+	client atomic.Pointer[rueidis.Client] // command connection; nil until first connect
+
+	mu      sync.Mutex
+	topics  map[string]*topicState
+	dirty   map[string]struct{}
+	up      bool
+	closed  bool
+	lastErr error
+	handler Handler
+
+	kick     chan struct{} // cap 1: dirty topics to flush
+	probeAck chan struct{} // cap 1: our probe came back
+	lastRecv atomic.Int64  // unix nanos of the last message on the link
+
+	stop chan struct{}
+	done chan struct{}
+}
+
+type topicState struct {
+	wanted bool          // some local connection wants it
+	active bool          // subscribed on the current link
+	ready  chan struct{} // closed when confirmed; nil when nobody waits
+}
+
+// NewRedis parses the options; it does not connect (Start does, and keeps
+// trying while Redis is down).
+func NewRedis(opts RedisOptions) (*RedisBroker, error) {
+	co, err := rueidis.ParseURL(opts.URL)
+	if err != nil {
+		return nil, fmt.Errorf("broker: REDIS_URL: %w", err)
+	}
+	co.DisableCache = true
+	co.PipelineMultiplex = -1 // one command connection
+	co.AlwaysRESP2 = opts.RESP2
+	co.BlockingPoolSize = 1 // the dedicated pub/sub connection
+	co.Dialer.Timeout = 3 * time.Second
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.ProbeInterval <= 0 {
+		opts.ProbeInterval = 5 * time.Second
+	}
+	if opts.ProbeTimeout <= 0 {
+		opts.ProbeTimeout = 3 * time.Second
+	}
+	id := make([]byte, 8)
+	_, _ = crand.Read(id)
+	return &RedisBroker{
+		opts:      opts,
+		clientOpt: co,
+		log:       opts.Logger,
+		obs:       opts.Observer,
+		probeCh:   "__wsgw_probe__:" + hex.EncodeToString(id),
+		topics:    map[string]*topicState{},
+		dirty:     map[string]struct{}{},
+		kick:      make(chan struct{}, 1),
+		probeAck:  make(chan struct{}, 1),
+		stop:      make(chan struct{}),
+		done:      make(chan struct{}),
+	}, nil
+}
+
+// Start implements Broker.
+func (r *RedisBroker) Start(h Handler) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.handler != nil {
+		return errors.New("broker: already started")
+	}
+	r.handler = h
+	go r.run()
+	return nil
+}
+
+// Subscribe implements Broker.
+func (r *RedisBroker) Subscribe(topic string) <-chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := r.topics[topic]
+	if st == nil {
+		st = &topicState{}
+		r.topics[topic] = st
+	}
+	st.wanted = true
+	if st.active || !r.up || r.closed {
+		return closedChan
+	}
+	if st.ready == nil {
+		st.ready = make(chan struct{})
+	}
+	r.markDirty(topic)
+	return st.ready
+}
+
+// Unsubscribe implements Broker.
+func (r *RedisBroker) Unsubscribe(topic string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := r.topics[topic]
+	if st == nil {
+		return
+	}
+	st.wanted = false
+	if r.up {
+		r.markDirty(topic)
+		return
+	}
+	if !st.active {
+		r.forget(topic, st)
+	}
+}
+
+func (r *RedisBroker) markDirty(topic string) {
+	r.dirty[topic] = struct{}{}
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
+}
+
+// forget drops a topic nobody wants; r.mu is held.
+func (r *RedisBroker) forget(topic string, st *topicState) {
+	if st.ready != nil {
+		close(st.ready)
+		st.ready = nil
+	}
+	delete(r.topics, topic)
+}
+
+// Check implements Broker: an error while the link is down or PING fails.
+func (r *RedisBroker) Check(ctx context.Context) error {
+	r.mu.Lock()
+	up, lastErr := r.up, r.lastErr
+	r.mu.Unlock()
+	c := r.client.Load()
+	if !up || c == nil {
+		if lastErr != nil {
+			return fmt.Errorf("%w: %v", ErrUnavailable, lastErr)
+		}
+		return ErrUnavailable
+	}
+	if err := (*c).Do(ctx, (*c).B().Ping().Build()).Error(); err != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	return nil
+}
+
+// Close implements Broker.
+func (r *RedisBroker) Close() error {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil
+	}
+	r.closed = true
+	started := r.handler != nil
+	r.mu.Unlock()
+	close(r.stop)
+	if started {
+		<-r.done
+	}
+	if c := r.client.Load(); c != nil {
+		(*c).Close()
+	}
+	return nil
+}
+
+// run owns the pub/sub link for the broker's lifetime.
+func (r *RedisBroker) run() {
+	defer close(r.done)
+	var attempt int
+	var downSince time.Time
+	for {
+		err := r.connected(func() {
+			attempt = 0
+			if !downSince.IsZero() && r.obs != nil {
+				r.obs.OutageEnded(time.Since(downSince))
+			}
+			downSince = time.Time{}
+		})
+		if r.stopping() {
+			return
+		}
+		if downSince.IsZero() {
+			downSince = time.Now()
+		}
+		r.markDown(err)
+		attempt++
+		select {
+		case <-r.stop:
+			return
+		case <-time.After(backoff(attempt)):
+		}
+	}
+}
+
+// backoff is capped exponential with full jitter: 50ms·2^n up to 5s.
+func backoff(attempt int) time.Duration {
+	ceil := 50 * time.Millisecond << min(attempt, 7)
+	ceil = min(ceil, 5*time.Second)
+	return ceil/2 + rand.N(ceil/2+1)
+}
+
+func (r *RedisBroker) stopping() bool {
+	select {
+	case <-r.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// connected runs one link lifetime: connect, re-subscribe everything, report
+// up, then serve subscription changes and probes until the link fails.
+func (r *RedisBroker) connected(onUp func()) error {
+	c := r.client.Load()
+	if c == nil {
+		nc, err := rueidis.NewClient(r.clientOpt)
+		if err != nil {
+			return err
+		}
+		c = &nc
+		r.client.Store(c)
+	}
+	client := *c
+	dc, cancel := client.Dedicate()
+	defer cancel()
+	wait := dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: r.onMessage})
+
+	r.mu.Lock()
+	all := make([]string, 0, len(r.topics))
+	for t, st := range r.topics {
+		if st.wanted {
+			all = append(all, t)
+		}
+	}
+	clear(r.dirty)
+	r.mu.Unlock()
+
+	ctx, cancelCtx := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+5*time.Second)
+	cmds := append(rueidis.Commands{dc.B().Subscribe().Channel(r.probeCh).Build()}, r.subscribeCmds(dc, all)...)
+	err := firstErr(dc.DoMulti(ctx, cmds...))
+	cancelCtx()
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.confirm(all)
+	r.up, r.lastErr = true, nil
+	r.reportSubscriptions()
+	r.mu.Unlock()
+	onUp()
+	if r.obs != nil {
+		r.obs.LinkUp(true)
+	}
+	r.log.Info("redis pub/sub link up", "resubscribed", len(all))
+	r.handler.HandleLinkUp()
+
+	r.lastRecv.Store(time.Now().UnixNano())
+	tick := time.NewTicker(min(r.opts.ProbeInterval, time.Second))
+	defer tick.Stop()
+	var probeDeadline time.Time // zero: no probe outstanding
+	for {
+		select {
+		case <-r.stop:
+			return nil
+		case err := <-wait:
+			if err == nil {
+				err = errors.New("pub/sub connection closed")
+			}
+			return err
+		case <-r.kick:
+			if err := r.flush(dc); err != nil {
+				return err
+			}
+		case <-r.probeAck:
+			probeDeadline = time.Time{}
+		case now := <-tick.C:
+			switch {
+			case !probeDeadline.IsZero() && now.After(probeDeadline):
+				return errProbeTimeout
+			case probeDeadline.IsZero() && now.Sub(time.Unix(0, r.lastRecv.Load())) >= r.opts.ProbeInterval:
+				ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout)
+				err := client.Do(ctx, client.B().Publish().Channel(r.probeCh).Message("probe").Build()).Error()
+				cancel()
+				if err != nil {
+					return fmt.Errorf("probe publish: %w", err)
+				}
+				probeDeadline = now.Add(r.opts.ProbeTimeout)
+			}
+		}
+	}
+}
+
+// flush sends the subscription changes collected since the last flush.
+func (r *RedisBroker) flush(dc rueidis.DedicatedClient) error {
+	var subs, unsubs []string
+	r.mu.Lock()
+	for t := range r.dirty {
+		st := r.topics[t]
+		switch {
+		case st == nil:
+		case st.wanted && !st.active:
+			subs = append(subs, t)
+		case !st.wanted && st.active:
+			st.active = false
+			unsubs = append(unsubs, t)
+			r.forget(t, st)
+		case !st.wanted:
+			r.forget(t, st)
+		}
+	}
+	clear(r.dirty)
+	r.mu.Unlock()
+	if len(subs) == 0 && len(unsubs) == 0 {
+		return nil
+	}
+	var cmds rueidis.Commands
+	for chunk := range chunks(unsubs) {
+		cmds = append(cmds, dc.B().Unsubscribe().Channel(r.channels(chunk)...).Build())
+	}
+	cmds = append(cmds, r.subscribeCmds(dc, subs)...)
+	ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+5*time.Second)
+	defer cancel()
+	if err := firstErr(dc.DoMulti(ctx, cmds...)); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.confirm(subs)
+	r.reportSubscriptions()
+	r.mu.Unlock()
+	return nil
+}
+
+// confirm marks topics subscribed and wakes their waiters; r.mu is held.
+// A topic dropped while its SUBSCRIBE was in flight is queued for removal.
+func (r *RedisBroker) confirm(topics []string) {
+	for _, t := range topics {
+		st := r.topics[t]
+		if st == nil {
+			// Forgotten while in flight: the server has it, so drop it there.
+			st = &topicState{}
+			r.topics[t] = st
+		}
+		st.active = true
+		if st.ready != nil {
+			close(st.ready)
+			st.ready = nil
+		}
+		if !st.wanted {
+			r.markDirty(t)
+		}
+	}
+}
+
+func (r *RedisBroker) reportSubscriptions() {
+	if r.obs == nil {
+		return
+	}
+	n := 0
+	for _, st := range r.topics {
+		if st.active {
+			n++
+		}
+	}
+	r.obs.SubscriptionsActive(n)
+}
+
+// markDown records a broken link, releases waiters and tells the handler.
+func (r *RedisBroker) markDown(err error) {
+	r.mu.Lock()
+	wasUp := r.up
+	r.up, r.lastErr = false, err
+	for t, st := range r.topics {
+		st.active = false
+		if st.ready != nil {
+			close(st.ready)
+			st.ready = nil
+		}
+		if !st.wanted {
+			delete(r.topics, t)
+		}
+	}
+	clear(r.dirty)
+	r.reportSubscriptions()
+	r.mu.Unlock()
+	select { // a stale ack must not satisfy the next link's probe
+	case <-r.probeAck:
+	default:
+	}
+	if wasUp {
+		r.log.Warn("redis pub/sub link down", "error", err)
+		if r.obs != nil {
+			r.obs.LinkUp(false)
+		}
+		r.handler.HandleLinkDown()
+	} else {
+		r.log.Debug("redis pub/sub connect failed", "error", err)
+	}
+}
+
+func (r *RedisBroker) onMessage(m rueidis.PubSubMessage) {
+	r.lastRecv.Store(time.Now().UnixNano())
+	if m.Channel == r.probeCh {
+		select {
+		case r.probeAck <- struct{}{}:
+		default:
+		}
+		return
+	}
+	topic, ok := notify.UserFromChannel(r.opts.Prefix, m.Channel)
+	if !ok {
+		return
+	}
+	r.handler.HandleMessage(topic, []byte(m.Message))
+}
+
+func (r *RedisBroker) subscribeCmds(dc rueidis.DedicatedClient, topics []string) rueidis.Commands {
+	var cmds rueidis.Commands
+	for chunk := range chunks(topics) {
+		cmds = append(cmds, dc.B().Subscribe().Channel(r.channels(chunk)...).Build())
+	}
+	return cmds
+}
+
+func (r *RedisBroker) channels(topics []string) []string {
+	out := make([]string, len(topics))
+	for i, t := range topics {
+		out[i] = notify.Channel(r.opts.Prefix, t)
+	}
+	return out
+}
+
+// chunks yields topics in slices of at most subscribeBatch.
+func chunks(topics []string) func(func([]string) bool) {
+	return func(yield func([]string) bool) {
+		for len(topics) > 0 {
+			n := min(len(topics), subscribeBatch)
+			if !yield(topics[:n]) {
+				return
+			}
+			topics = topics[n:]
+		}
+	}
+}
+
+func firstErr(results []rueidis.RedisResult) error {
+	for _, res := range results {
+		if err := res.Error(); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,93 @@
+package gateway
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+
+	"github.com/huleedu/websocket-service/internal/hub"
+	"github.com/huleedu/websocket-service/internal/jwtauth"
+)
+
+// Reasons a connection is refused or closed. closeFor is the one place that
+// maps them (and the jwtauth and hub errors) to close codes.
+var (
+	errWrongClient   = errors.New("client_id differs from the token's sub")
+	errBinaryFrame   = errors.New("binary frame")
+	errFrameTooBig   = errors.New("frame too big")
+	errIdle          = errors.New("idle timeout")
+	errShutdown      = errors.New("server shutting down")
+	errRateLimited   = errors.New("rate limited")
+	errSlowConsumer  = errors.New("slow consumer")
+	errTokenExpired  = errors.New("token expired")
+	errRefreshFailed = errors.New("refresh token invalid")
+	errInternal      = errors.New("internal error")
+)
+
+// closeReason is one row of the close-code table.
+type closeReason struct {
+	Code      int
+	ErrorCode string
+	Message   string
+	Metric    string // bounded metric label
+	frame     []byte // close frame payload: code + JSON reason (<= 125 bytes)
+}
+
+func newReason(code int, errorCode, message, metric string) *closeReason {
+	body, _ := json.Marshal(struct {
+		ErrorCode string `json:"error_code"`
+		Message   string `json:"message"`
+	}{errorCode, message})
+	if len(body) > 123 {
+		panic("close reason longer than 123 bytes: " + string(body))
+	}
+	frame := binary.BigEndian.AppendUint16(nil, uint16(code))
+	return &closeReason{Code: code, ErrorCode: errorCode, Message: message, Metric: metric, frame: append(frame, body...)}
+}
+
+// The close-code table (README "Close codes").
+var (
+	reasonAuthentication = newReason(1008, "AUTHENTICATION_ERROR", "missing, invalid or expired token", "authentication")
+	reasonAuthorization  = newReason(1008, "AUTHORIZATION_ERROR", "token subject does not match client_id", "authorization")
+	reasonQuota          = newReason(4000, "QUOTA_EXCEEDED", "too many connections for this user", "quota_exceeded")
+	reasonBusy           = newReason(1013, "SERVER_BUSY", "instance connection limit reached", "server_busy")
+	reasonUnsupported    = newReason(1003, "UNSUPPORTED_DATA", "binary frames are not supported", "unsupported_data")
+	reasonTooBig         = newReason(1009, "MESSAGE_TOO_BIG", "client frames are limited to 4096 bytes", "message_too_big")
+	reasonIdle           = newReason(1001, "IDLE_TIMEOUT", "nothing received within the idle timeout", "idle_timeout")
+	reasonShutdown       = newReason(1001, "SERVER_SHUTDOWN", "server is shutting down", "server_shutdown")
+	reasonInternal       = newReason(1011, "INTERNAL_ERROR", "unexpected server error", "internal_error")
+	reasonExpired        = newReason(4001, "TOKEN_EXPIRED", "token expired; reconnect with a fresh token", "token_expired")
+	reasonSlow           = newReason(4002, "SLOW_CONSUMER", "outbound queue overflowed", "slow_consumer")
+	reasonRateLimited    = newReason(4003, "RATE_LIMITED", "too many frames from client", "rate_limited")
+)
+
+// closeFor maps an error to its row of the close-code table.
+func closeFor(err error) *closeReason {
+	switch {
+	case errors.Is(err, jwtauth.ErrMissingToken), errors.Is(err, jwtauth.ErrInvalidToken),
+		errors.Is(err, jwtauth.ErrExpired), errors.Is(err, errRefreshFailed):
+		return reasonAuthentication
+	case errors.Is(err, errWrongClient):
+		return reasonAuthorization
+	case errors.Is(err, hub.ErrUserQuota):
+		return reasonQuota
+	case errors.Is(err, hub.ErrServerBusy):
+		return reasonBusy
+	case errors.Is(err, errBinaryFrame):
+		return reasonUnsupported
+	case errors.Is(err, errFrameTooBig):
+		return reasonTooBig
+	case errors.Is(err, errIdle):
+		return reasonIdle
+	case errors.Is(err, errShutdown):
+		return reasonShutdown
+	case errors.Is(err, errTokenExpired):
+		return reasonExpired
+	case errors.Is(err, errSlowConsumer):
+		return reasonSlow
+	case errors.Is(err, errRateLimited):
+		return reasonRateLimited
+	default:
+		return reasonInternal
+	}
+}

@@ -1,0 +1,321 @@
+// Package gateway is the HTTP and WebSocket edge: the upgrade (origin check,
+// token, quota, subscription, then the handshake), the close-code table,
+// inbound frames and keepalive, and the health endpoints. It owns the nbio
+// engine, the writer goroutines and the sweeper that drives pings, idle
+// timeouts and token expiry.
+package gateway
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net/http"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lesismal/nbio"
+	"github.com/lesismal/nbio/nbhttp"
+	"github.com/lesismal/nbio/nbhttp/websocket"
+
+	"github.com/huleedu/websocket-service/internal/broker"
+	"github.com/huleedu/websocket-service/internal/hub"
+	"github.com/huleedu/websocket-service/internal/jwtauth"
+	"github.com/huleedu/websocket-service/internal/metrics"
+)
+
+// maxClientFrame is the largest text frame a client may send (1009 above).
+const maxClientFrame = 4096
+
+// readLimit is where nbio itself stops reading a frame (and drops the
+// socket without a close frame); between maxClientFrame and it, the client
+// gets 1009.
+const readLimit = 64 << 10
+
+// Options configure a Gateway.
+type Options struct {
+	Environment     string
+	RedisURL        string // masked before it is shown
+	MaxConnsPerUser int
+	MaxHandshakes   int
+	PingInterval    time.Duration
+	IdleTimeout     time.Duration
+	SendQueueMsgs   int
+	SendQueueBytes  int
+	RateLimit       float64
+	RateBurst       int
+	CORSOrigins     []string
+	CloseGrace      time.Duration // wait for the client's close reply, then drop (default 3s)
+	SubscribeWait   time.Duration // bound on waiting for Redis to confirm (default 5s)
+	SweepInterval   time.Duration // pings, idle and expiry checks (default 250ms)
+}
+
+// Gateway serves the WebSocket and health endpoints.
+type Gateway struct {
+	opts      Options
+	log       *slog.Logger
+	m         *metrics.Metrics
+	hub       *hub.Hub
+	broker    broker.Broker
+	auth      *jwtauth.Validator
+	engine    *nbhttp.Engine
+	upgrader  *websocket.Upgrader
+	rejecter  *websocket.Upgrader
+	writers   *writerPool
+	handshake chan struct{} // semaphore of upgrades in progress
+	started   time.Time
+	draining  atomic.Bool
+
+	maxFramePayload int
+
+	stopSweep chan struct{}
+	wg        sync.WaitGroup
+}
+
+// New builds a Gateway and starts its engine, writers and sweeper; Shutdown
+// stops them.
+func New(opts Options, h *hub.Hub, b broker.Broker, auth *jwtauth.Validator, m *metrics.Metrics, log *slog.Logger) (*Gateway, error) {
+	if opts.CloseGrace <= 0 {
+		opts.CloseGrace = 3 * time.Second
+	}
+	if opts.SubscribeWait <= 0 {
+		opts.SubscribeWait = 5 * time.Second
+	}
+	if opts.SweepInterval <= 0 {
+		opts.SweepInterval = 250 * time.Millisecond
+	}
+	g := &Gateway{
+		opts: opts, log: log, m: m, hub: h, broker: b, auth: auth,
+		handshake: make(chan struct{}, max(opts.MaxHandshakes, 1)),
+		started:   time.Now(),
+		stopSweep: make(chan struct{}),
+	}
+	g.engine = nbhttp.NewEngine(nbhttp.Config{
+		Name:                         "websocket-service",
+		NPoller:                      runtime.GOMAXPROCS(0),
+		ReleaseWebsocketPayload:      true,
+		MaxWebsocketFramePayloadSize: 1 << 20,
+	})
+	g.maxFramePayload = g.engine.MaxWebsocketFramePayloadSize
+	g.engine.OnWrittenSize(func(c *nbio.Conn, _ []byte, n int) {
+		if wc, ok := c.Session().(*websocket.Conn); ok {
+			if s, ok := wc.Session().(*session); ok {
+				s.onWritten(n)
+			}
+		}
+	})
+	if err := g.engine.Start(); err != nil {
+		return nil, err
+	}
+	g.upgrader = g.newUpgrader()
+	g.rejecter = websocket.NewUpgrader()
+	g.rejecter.Engine = g.engine
+	g.rejecter.KeepaliveTime = 0
+	g.rejecter.BlockingModAsyncWrite = false
+	g.rejecter.CheckOrigin = func(*http.Request) bool { return true }
+	g.writers = newWriterPool(runtime.GOMAXPROCS(0))
+	g.wg.Go(g.sweep)
+	return g, nil
+}
+
+// Handler returns the HTTP routes.
+func (g *Gateway) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /ws/v1/status/{client_id}", g.serveWS)
+	mux.HandleFunc("GET /ws", g.serveWS)
+	mux.HandleFunc("GET /ws/{$}", g.serveWS)
+	mux.HandleFunc("GET /healthz", g.healthz)
+	mux.HandleFunc("GET /healthz/redis", g.healthzRedis)
+	mux.HandleFunc("GET /healthz/websocket", g.healthzWebsocket)
+	mux.HandleFunc("GET /readyz", g.readyz)
+	mux.Handle("GET /metrics", g.metricsHandler())
+	return mux
+}
+
+// Drain marks the instance as shutting down: /readyz answers 503 and new
+// upgrades are closed with 1001.
+func (g *Gateway) Drain() { g.draining.Store(true) }
+
+// CloseAll closes every connection with 1001 SERVER_SHUTDOWN after what is
+// already queued for it, and waits until all are gone or ctx ends.
+func (g *Gateway) CloseAll(ctx context.Context) error {
+	g.Drain()
+	g.hub.Range(func(c hub.Conn) { c.(*session).closeAfterQueue(errShutdown) })
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for g.hub.Count() > 0 {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+	return nil
+}
+
+// Close stops the sweeper, the writers and the engine (dropping any socket
+// still open) and waits for them.
+func (g *Gateway) Close() {
+	close(g.stopSweep)
+	g.wg.Wait()
+	g.writers.close()
+	g.engine.Stop()
+}
+
+// sweep drives time for every session from one goroutine: pings when due,
+// idle timeouts and token expiry (checked every SweepInterval).
+func (g *Gateway) sweep() {
+	t := time.NewTicker(g.opts.SweepInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-g.stopSweep:
+			return
+		case now := <-t.C:
+			n := now.UnixNano()
+			idle, interval := g.opts.IdleTimeout.Nanoseconds(), g.opts.PingInterval.Nanoseconds()
+			g.hub.Range(func(c hub.Conn) {
+				s := c.(*session)
+				switch {
+				case n >= s.expiresAt.Load():
+					s.closeWith(errTokenExpired)
+				case idle > 0 && n-s.lastSeen.Load() > idle:
+					s.closeWith(errIdle)
+				case interval > 0 && n >= s.nextPing:
+					s.nextPing = n + interval
+					s.ping()
+				}
+			})
+		}
+	}
+}
+
+func (g *Gateway) newUpgrader() *websocket.Upgrader {
+	u := websocket.NewUpgrader()
+	u.Engine = g.engine
+	u.KeepaliveTime = 0 // the sweeper owns idle timeouts
+	u.MessageLengthLimit = readLimit
+	u.CheckOrigin = func(*http.Request) bool { return true } // checked before the upgrade
+	u.OnMessage(g.onMessage)
+	u.OnClose(g.onClose)
+	u.SetPingHandler(func(c *websocket.Conn, data string) {
+		if s := sessionOf(c); s != nil {
+			s.lastSeen.Store(time.Now().UnixNano())
+			_ = s.write(websocket.PongMessage, []byte(data))
+		}
+	})
+	u.SetPongHandler(func(c *websocket.Conn, _ string) {
+		if s := sessionOf(c); s != nil {
+			s.lastSeen.Store(time.Now().UnixNano())
+		}
+	})
+	u.SetCloseHandler(func(c *websocket.Conn, code int, _ string) {
+		s := sessionOf(c)
+		if s == nil {
+			return
+		}
+		s.mu.Lock()
+		echo := !s.closed
+		s.closed, s.closing = true, true
+		s.mu.Unlock()
+		if echo { // the client started the close: answer it (nbio then drops the socket)
+			if code == 1005 || code < 1000 {
+				code = 1000
+			}
+			frame := []byte{byte(code >> 8), byte(code)}
+			_ = s.write(websocket.CloseMessage, frame)
+		}
+	})
+	return u
+}
+
+// onMessage handles one inbound data frame on an nbio poller goroutine.
+func (g *Gateway) onMessage(c *websocket.Conn, t websocket.MessageType, data []byte) {
+	s := sessionOf(c)
+	if s == nil {
+		_ = c.Close()
+		return
+	}
+	defer g.recoverPanic(s)
+	now := time.Now()
+	s.lastSeen.Store(now.UnixNano())
+	if !s.allowFrame(now.UnixNano()) {
+		s.closeWith(errRateLimited)
+		return
+	}
+	if t == websocket.BinaryMessage {
+		s.closeWith(errBinaryFrame)
+		return
+	}
+	if len(data) > maxClientFrame {
+		s.closeWith(errFrameTooBig)
+		return
+	}
+	g.handleText(s, now, data)
+}
+
+// handleText answers the client protocol; other text is ignored.
+func (g *Gateway) handleText(s *session, now time.Time, data []byte) {
+	f := parseClientFrame(data)
+	switch f.Type {
+	case "ping":
+		s.send(pongFrame(now))
+	case "refresh":
+		id, err := g.auth.Validate(f.Token)
+		g.countValidation(err)
+		switch {
+		case err != nil:
+			s.closeWith(errRefreshFailed)
+		case id.UserID != s.user:
+			s.closeWith(errWrongClient)
+		default:
+			s.expiresAt.Store(id.ExpiresAt.UnixNano())
+			s.send(refreshedFrame(id.ExpiresAt))
+		}
+	}
+}
+
+// recoverPanic turns a panic in a connection callback into a 1011 close of
+// that connection; the process lives on.
+func (g *Gateway) recoverPanic(s *session) {
+	if p := recover(); p != nil {
+		g.log.Error("panic in connection callback", "panic", p)
+		s.closeWith(errInternal)
+	}
+}
+
+// onClose runs once per upgraded socket, whoever closed it.
+func (g *Gateway) onClose(c *websocket.Conn, err error) {
+	s := sessionOf(c)
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	wasClosing := s.closing
+	s.closed, s.closing = true, true
+	s.dropQueueLocked()
+	s.mu.Unlock()
+	if !wasClosing {
+		reason := "client_closed"
+		var ce *websocket.CloseError
+		if err != nil && !errors.As(err, &ce) {
+			reason = "abnormal"
+		}
+		g.m.ConnectionsClosed.WithLabelValues(reason).Inc()
+	}
+	g.hub.Remove(s.user, s)
+}
+
+func (g *Gateway) countValidation(err error) {
+	result := "valid"
+	switch {
+	case errors.Is(err, jwtauth.ErrMissingToken):
+		result = "missing"
+	case errors.Is(err, jwtauth.ErrExpired):
+		result = "expired"
+	case err != nil:
+		result = "invalid"
+	}
+	g.m.JWTValidations.WithLabelValues(result).Inc()
+}

@@ -1,0 +1,219 @@
+// Package hub keeps this instance's user → connections index, holds one
+// broker subscription per user with local connections (reference-counted),
+// and fans each message out to the user's connections. It knows neither
+// Redis nor WebSockets: it talks to a broker.Broker and to Conn values.
+package hub
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"hash/maphash"
+	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/huleedu/websocket-service/internal/broker"
+	"github.com/huleedu/websocket-service/internal/metrics"
+)
+
+// Errors returned by Add.
+var (
+	ErrUserQuota  = errors.New("too many connections for this user")
+	ErrServerBusy = errors.New("instance connection limit reached")
+)
+
+// Message is one payload received from the broker, shared by every
+// connection it is delivered to (it is never copied per connection).
+type Message struct {
+	Payload    []byte
+	ReceivedAt time.Time
+}
+
+// Conn is a local connection as the hub sees it. Both methods must return
+// without blocking (they enqueue).
+type Conn interface {
+	Deliver(m *Message)
+	// LinkState tells the connection whether the broker link is up; a
+	// connection reports each change to its client once.
+	LinkState(up bool)
+}
+
+// Options configure a Hub.
+type Options struct {
+	MaxConnsPerUser int
+	MaxConns        int // 0: no limit
+	MaxMessageBytes int
+	Logger          *slog.Logger
+	Metrics         *metrics.Metrics
+}
+
+const shardCount = 64
+
+// Hub implements broker.Handler.
+type Hub struct {
+	opts   Options
+	broker broker.Broker
+	log    *slog.Logger
+	m      *metrics.Metrics
+	seed   maphash.Seed
+	shards [shardCount]shard
+	total  atomic.Int64
+	up     atomic.Bool
+}
+
+type shard struct {
+	mu    sync.RWMutex
+	users map[string][]Conn
+}
+
+var _ broker.Handler = (*Hub)(nil)
+
+// New returns a Hub using b for subscriptions; call b.Start(hub) next.
+func New(b broker.Broker, opts Options) *Hub {
+	h := &Hub{opts: opts, broker: b, log: opts.Logger, m: opts.Metrics, seed: maphash.MakeSeed()}
+	if h.log == nil {
+		h.log = slog.New(slog.DiscardHandler)
+	}
+	for i := range h.shards {
+		h.shards[i].users = map[string][]Conn{}
+	}
+	return h
+}
+
+func (h *Hub) shard(user string) *shard {
+	return &h.shards[maphash.String(h.seed, user)%shardCount]
+}
+
+// Add registers c for user, subscribing the user's topic if c is the user's
+// first local connection, and waits (bounded by ctx) until the subscription
+// is confirmed or the broker is known to be down. While the link is down, c
+// is told so at once. It fails with ErrUserQuota or ErrServerBusy, and then
+// nothing is subscribed.
+func (h *Hub) Add(ctx context.Context, user string, c Conn) error {
+	if h.opts.MaxConns > 0 && h.total.Add(1) > int64(h.opts.MaxConns) {
+		h.total.Add(-1)
+		return ErrServerBusy
+	} else if h.opts.MaxConns <= 0 {
+		h.total.Add(1)
+	}
+	s := h.shard(user)
+	s.mu.Lock()
+	conns := s.users[user]
+	if len(conns) >= h.opts.MaxConnsPerUser {
+		s.mu.Unlock()
+		h.total.Add(-1)
+		return ErrUserQuota
+	}
+	s.users[user] = append(conns, c)
+	// The broker records interest under the shard lock, so a concurrent
+	// Remove of the user's last connection cannot reorder with it.
+	ready := h.broker.Subscribe(user)
+	if !h.up.Load() {
+		c.LinkState(false)
+	}
+	s.mu.Unlock()
+	if h.m != nil {
+		h.m.ActiveConnections.Inc()
+	}
+	select {
+	case <-ready:
+	case <-ctx.Done():
+	}
+	return nil
+}
+
+// Remove unregisters c; the user's topic is unsubscribed with its last
+// connection. Removing an unknown connection is a no-op.
+func (h *Hub) Remove(user string, c Conn) {
+	s := h.shard(user)
+	s.mu.Lock()
+	conns := s.users[user]
+	i := slices.Index(conns, c)
+	if i < 0 {
+		s.mu.Unlock()
+		return
+	}
+	conns = slices.Delete(conns, i, i+1)
+	if len(conns) == 0 {
+		delete(s.users, user)
+		h.broker.Unsubscribe(user)
+	} else {
+		s.users[user] = conns
+	}
+	s.mu.Unlock()
+	h.total.Add(-1)
+	if h.m != nil {
+		h.m.ActiveConnections.Dec()
+	}
+}
+
+// Count returns the number of registered connections.
+func (h *Hub) Count() int { return int(h.total.Load()) }
+
+// LinkUp reports the broker link state last announced.
+func (h *Hub) LinkUp() bool { return h.up.Load() }
+
+// HandleMessage implements broker.Handler: validate once, then hand the
+// shared message to each of the user's connections.
+func (h *Hub) HandleMessage(user string, payload []byte) {
+	h.m.MessagesReceived.Inc()
+	switch {
+	case len(payload) > h.opts.MaxMessageBytes:
+		h.m.MessagesDropped.WithLabelValues(metrics.DropTooLarge).Inc()
+		h.log.Warn("dropped oversized message from redis", "bytes", len(payload), "limit", h.opts.MaxMessageBytes)
+		return
+	case !json.Valid(payload):
+		h.m.MessagesDropped.WithLabelValues(metrics.DropInvalidJSON).Inc()
+		h.log.Warn("dropped non-JSON message from redis", "bytes", len(payload))
+		return
+	}
+	msg := &Message{Payload: payload, ReceivedAt: time.Now()}
+	s := h.shard(user)
+	s.mu.RLock()
+	conns := s.users[user]
+	for _, c := range conns {
+		c.Deliver(msg)
+	}
+	s.mu.RUnlock()
+	if len(conns) == 0 {
+		h.m.MessagesDropped.WithLabelValues(metrics.DropNoConnection).Inc()
+	}
+}
+
+// HandleLinkDown implements broker.Handler.
+func (h *Hub) HandleLinkDown() { h.setLink(false) }
+
+// HandleLinkUp implements broker.Handler.
+func (h *Hub) HandleLinkUp() { h.setLink(true) }
+
+func (h *Hub) setLink(up bool) {
+	h.up.Store(up)
+	for i := range h.shards {
+		s := &h.shards[i]
+		s.mu.RLock()
+		for _, conns := range s.users {
+			for _, c := range conns {
+				c.LinkState(up)
+			}
+		}
+		s.mu.RUnlock()
+	}
+}
+
+// Range calls fn for every registered connection under the shard's read
+// lock: fn must not block or call back into the hub.
+func (h *Hub) Range(fn func(Conn)) {
+	for i := range h.shards {
+		s := &h.shards[i]
+		s.mu.RLock()
+		for _, conns := range s.users {
+			for _, c := range conns {
+				fn(c)
+			}
+		}
+		s.mu.RUnlock()
+	}
+}

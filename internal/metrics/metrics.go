@@ -1,0 +1,99 @@
+// Package metrics defines the service's Prometheus collectors. Labels are
+// bounded enumerations (reasons, results); never a user id or channel.
+package metrics
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Metrics holds every collector; one instance per process, registered on its
+// own registry (no global state).
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	ActiveConnections   prometheus.Gauge
+	ConnectionsOpened   prometheus.Counter
+	ConnectionsRejected *prometheus.CounterVec // reason
+	ConnectionsClosed   *prometheus.CounterVec // reason
+	MessagesReceived    prometheus.Counter
+	MessagesDelivered   prometheus.Counter
+	MessagesDropped     *prometheus.CounterVec // reason
+	Subscriptions       prometheus.Gauge
+	JWTValidations      *prometheus.CounterVec // result
+	DeliveryLatency     prometheus.Histogram
+	RedisLinkUp         prometheus.Gauge
+	RedisOutages        prometheus.Counter
+	RedisLastOutage     prometheus.Gauge
+}
+
+// Drop reasons.
+const (
+	DropInvalidJSON  = "invalid_json"
+	DropTooLarge     = "too_large"
+	DropNoConnection = "no_connection"
+	DropSlowConsumer = "slow_consumer"
+	DropClosed       = "connection_closed"
+)
+
+// New creates and registers the collectors on a fresh registry.
+func New() *Metrics {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	f := func(c prometheus.Collector) { reg.MustRegister(c) }
+	m := &Metrics{
+		Registry: reg,
+		ActiveConnections: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "websocket_connections_active", Help: "Open WebSocket connections on this instance."}),
+		ConnectionsOpened: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "websocket_connections_opened_total", Help: "Authenticated connections opened."}),
+		ConnectionsRejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "websocket_connections_rejected_total", Help: "Upgrades refused or closed at once, by reason."}, []string{"reason"}),
+		ConnectionsClosed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "websocket_connections_closed_total", Help: "Open connections closed, by reason."}, []string{"reason"}),
+		MessagesReceived: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "websocket_redis_messages_received_total", Help: "Messages received from Redis pub/sub."}),
+		MessagesDelivered: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "websocket_messages_delivered_total", Help: "Messages written to WebSocket connections."}),
+		MessagesDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "websocket_messages_dropped_total", Help: "Messages not delivered, by reason."}, []string{"reason"}),
+		Subscriptions: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "websocket_redis_subscriptions_active", Help: "Redis channels subscribed by this instance."}),
+		JWTValidations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "websocket_jwt_validations_total", Help: "Token validations, by result."}, []string{"result"}),
+		DeliveryLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "websocket_delivery_latency_seconds",
+			Help:    "Time from receipt from Redis to the write to the socket.",
+			Buckets: []float64{.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1}}),
+		RedisLinkUp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "websocket_redis_link_up", Help: "1 while the Redis pub/sub link is up and subscribed."}),
+		RedisOutages: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "websocket_redis_outages_total", Help: "Times the Redis pub/sub link went down."}),
+		RedisLastOutage: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "websocket_redis_last_outage_seconds", Help: "Duration of the last completed Redis outage."}),
+	}
+	for _, c := range []prometheus.Collector{m.ActiveConnections, m.ConnectionsOpened, m.ConnectionsRejected,
+		m.ConnectionsClosed, m.MessagesReceived, m.MessagesDelivered, m.MessagesDropped, m.Subscriptions,
+		m.JWTValidations, m.DeliveryLatency, m.RedisLinkUp, m.RedisOutages, m.RedisLastOutage} {
+		f(c)
+	}
+	return m
+}
+
+// LinkUp implements broker.Observer.
+func (m *Metrics) LinkUp(up bool) {
+	if up {
+		m.RedisLinkUp.Set(1)
+		return
+	}
+	m.RedisLinkUp.Set(0)
+	m.RedisOutages.Inc()
+}
+
+// OutageEnded implements broker.Observer.
+func (m *Metrics) OutageEnded(d time.Duration) { m.RedisLastOutage.Set(d.Seconds()) }
+
+// SubscriptionsActive implements broker.Observer.
+func (m *Metrics) SubscriptionsActive(n int) { m.Subscriptions.Set(float64(n)) }
