@@ -9,6 +9,7 @@ require (
 	github.com/lesismal/nbio v1.6.12
 	github.com/prometheus/client_golang v1.25.0
 	github.com/redis/rueidis v1.0.79
+	go.uber.org/goleak v1.3.0
 )
 
 require (

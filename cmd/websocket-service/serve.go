@@ -41,6 +41,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 		return err
 	}
 	log := newLogger(cfg, stderr)
+	gateway.RouteEngineLogs(log)
 	if cfg.JWTSecretIsDev {
 		log.Warn("JWT_SECRET_KEY is unset: using the development secret (refused in production)")
 	}

@@ -1,0 +1,173 @@
+// Package brokertest is the conformance suite every broker.Broker passes.
+package brokertest
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/huleedu/websocket-service/internal/broker"
+)
+
+// Publish publishes payload on topic through the broker's backend.
+type Publish func(t testing.TB, topic string, payload []byte)
+
+// Factory returns a new, unstarted broker and a way to publish to it.
+type Factory func(t testing.TB) (broker.Broker, Publish)
+
+// Event is what the Recorder saw.
+type Event struct {
+	Topic   string
+	Payload string
+	Link    string // "up" or "down" for link events
+}
+
+// Recorder is a broker.Handler that records events on a channel.
+type Recorder struct {
+	Events chan Event
+}
+
+// NewRecorder returns a Recorder with a large buffer.
+func NewRecorder() *Recorder { return &Recorder{Events: make(chan Event, 100000)} }
+
+func (r *Recorder) HandleMessage(topic string, payload []byte) {
+	r.Events <- Event{Topic: topic, Payload: string(payload)}
+}
+func (r *Recorder) HandleLinkDown() { r.Events <- Event{Link: "down"} }
+func (r *Recorder) HandleLinkUp()   { r.Events <- Event{Link: "up"} }
+
+// Next returns the next message event, skipping link events; it fails the
+// test after timeout.
+func (r *Recorder) Next(t testing.TB, timeout time.Duration) Event {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		select {
+		case e := <-r.Events:
+			if e.Link == "" {
+				return e
+			}
+		case <-deadline:
+			t.Fatalf("no message within %s", timeout)
+			return Event{}
+		}
+	}
+}
+
+// WaitLink waits for a link event of the given state.
+func (r *Recorder) WaitLink(t testing.TB, state string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		select {
+		case e := <-r.Events:
+			if e.Link == state {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("no link %s within %s", state, timeout)
+		}
+	}
+}
+
+func waitReady(t testing.TB, ch <-chan struct{}) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-time.After(10 * time.Second):
+		t.Fatal("subscription not confirmed within 10s")
+	}
+}
+
+func start(t *testing.T, f Factory) (broker.Broker, Publish, *Recorder) {
+	b, pub := f(t)
+	rec := NewRecorder()
+	if err := b.Start(rec); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = b.Close() })
+	rec.WaitLink(t, "up", 10*time.Second)
+	return b, pub, rec
+}
+
+// Run runs the suite.
+func Run(t *testing.T, f Factory) {
+	t.Run("DeliversSubscribedTopicVerbatim", func(t *testing.T) {
+		b, pub, rec := start(t, f)
+		waitReady(t, b.Subscribe("alice"))
+		pub(t, "alice", []byte(`{"event":"x","data":{"n":1}}`))
+		if e := rec.Next(t, 5*time.Second); e.Topic != "alice" || e.Payload != `{"event":"x","data":{"n":1}}` {
+			t.Fatalf("got %+v", e)
+		}
+	})
+	t.Run("IgnoresOtherTopicsAndUnsubscribed", func(t *testing.T) {
+		b, pub, rec := start(t, f)
+		waitReady(t, b.Subscribe("a"))
+		waitReady(t, b.Subscribe("gone"))
+		b.Unsubscribe("gone")
+		// A later subscription's confirmation orders after the unsubscribe.
+		waitReady(t, b.Subscribe("marker"))
+		pub(t, "other", []byte(`1`))
+		pub(t, "gone", []byte(`2`))
+		pub(t, "a", []byte(`3`))
+		if e := rec.Next(t, 5*time.Second); e.Topic != "a" || e.Payload != "3" {
+			t.Fatalf("got %+v, want only topic a", e)
+		}
+	})
+	t.Run("KeepsOrder", func(t *testing.T) {
+		b, pub, rec := start(t, f)
+		waitReady(t, b.Subscribe("o"))
+		for i := range 200 {
+			pub(t, "o", fmt.Appendf(nil, "%d", i))
+		}
+		for i := range 200 {
+			if e := rec.Next(t, 5*time.Second); e.Payload != fmt.Sprint(i) {
+				t.Fatalf("message %d: got %q", i, e.Payload)
+			}
+		}
+	})
+	t.Run("ManyConcurrentSubscriptions", func(t *testing.T) {
+		b, pub, rec := start(t, f)
+		var wg sync.WaitGroup
+		for i := range 1000 {
+			wg.Go(func() { waitReady(t, b.Subscribe(fmt.Sprintf("u%d", i))) })
+		}
+		wg.Wait()
+		for i := range 1000 {
+			pub(t, fmt.Sprintf("u%d", i), []byte(`{}`))
+		}
+		seen := map[string]bool{}
+		for range 1000 {
+			seen[rec.Next(t, 5*time.Second).Topic] = true
+		}
+		if len(seen) != 1000 {
+			t.Fatalf("got %d distinct topics, want 1000", len(seen))
+		}
+	})
+	t.Run("ResubscribeAfterUnsubscribe", func(t *testing.T) {
+		b, pub, rec := start(t, f)
+		waitReady(t, b.Subscribe("r"))
+		b.Unsubscribe("r")
+		waitReady(t, b.Subscribe("r"))
+		pub(t, "r", []byte(`"again"`))
+		if e := rec.Next(t, 5*time.Second); e.Payload != `"again"` {
+			t.Fatalf("got %+v", e)
+		}
+	})
+	t.Run("CheckAndClose", func(t *testing.T) {
+		b, _, _ := start(t, f)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := b.Check(ctx); err != nil {
+			t.Fatalf("Check: %v", err)
+		}
+		if err := b.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.Close(); err != nil {
+			t.Fatalf("second Close: %v", err)
+		}
+	})
+}

@@ -1,0 +1,258 @@
+// Package redistest starts real redis-server processes on free loopback
+// ports for tests (and for scripts, through cmd/redistest-style callers):
+// it waits for readiness by polling, and stops and removes everything it
+// started.
+package redistest
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Server is one redis-server process.
+type Server struct {
+	Port int
+	dir  string
+	args []string
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// Start launches a standalone redis-server on a free port and registers its
+// cleanup with t. A missing redis-server fails the test: CI installs it.
+func Start(t testing.TB, extraArgs ...string) *Server {
+	t.Helper()
+	s, err := StartServer(t.TempDir(), extraArgs...)
+	if err != nil {
+		t.Fatalf("redistest: %v", err)
+	}
+	t.Cleanup(s.Stop)
+	return s
+}
+
+// StartServer launches redis-server in dir; the caller must Stop it.
+func StartServer(dir string, extraArgs ...string) (*Server, error) {
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		return nil, errors.New("redis-server not found on PATH (apt-get install redis-server)")
+	}
+	port, err := FreePort()
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{Port: port, dir: dir}
+	s.args = append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+		"--dir", dir, "--protected-mode", "no", "--logfile", filepath.Join(dir, "redis-"+strconv.Itoa(port)+".log")}, extraArgs...)
+	if err := s.launch(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Server) launch() error {
+	s.cmd = exec.Command("redis-server", s.args...)
+	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := s.cmd.Start(); err != nil {
+		return fmt.Errorf("start redis-server: %w", err)
+	}
+	s.done = make(chan struct{})
+	go func(cmd *exec.Cmd, done chan struct{}) { _ = cmd.Wait(); close(done) }(s.cmd, s.done)
+	return s.waitReady(10 * time.Second)
+}
+
+// Addr is host:port.
+func (s *Server) Addr() string { return "127.0.0.1:" + strconv.Itoa(s.Port) }
+
+// URL is the redis:// URL of the server.
+func (s *Server) URL() string { return "redis://" + s.Addr() }
+
+// Pid is the process id.
+func (s *Server) Pid() int { return s.cmd.Process.Pid }
+
+func (s *Server) waitReady(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		select {
+		case <-s.done:
+			return fmt.Errorf("redis-server on port %d exited at start (see %s)", s.Port, s.dir)
+		default:
+		}
+		if reply, err := s.Do("PING"); err == nil && reply == "PONG" {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("redis-server on port %d not ready after %s", s.Port, timeout)
+}
+
+// Kill sends SIGKILL and waits for the process to exit.
+func (s *Server) Kill() {
+	if s.cmd == nil || s.cmd.Process == nil {
+		return
+	}
+	_ = s.cmd.Process.Signal(syscall.SIGCONT)
+	_ = s.cmd.Process.Kill()
+	<-s.done
+}
+
+// Restart starts the server again on the same port, after Kill.
+func (s *Server) Restart() error { return s.launch() }
+
+// Pause stops the process (SIGSTOP); Resume continues it.
+func (s *Server) Pause()  { _ = s.cmd.Process.Signal(syscall.SIGSTOP) }
+func (s *Server) Resume() { _ = s.cmd.Process.Signal(syscall.SIGCONT) }
+
+// Stop kills the server; it is idempotent.
+func (s *Server) Stop() {
+	if s.done == nil {
+		return
+	}
+	select {
+	case <-s.done:
+	default:
+		s.Kill()
+	}
+}
+
+// Do sends one command (inline arguments, no spaces inside) and returns the
+// first line of the reply without its type byte; an error reply is an error.
+func (s *Server) Do(args ...string) (string, error) {
+	lines, err := s.DoLines(args...)
+	if err != nil || len(lines) == 0 {
+		return "", err
+	}
+	return lines[0], nil
+}
+
+// DoLines sends a command and returns the reply flattened to lines: simple
+// strings, integers and bulk strings, recursively through arrays.
+func (s *Server) DoLines(args ...string) ([]string, error) {
+	c, err := net.DialTimeout("tcp", s.Addr(), time.Second)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	var b strings.Builder
+	fmt.Fprintf(&b, "*%d\r\n", len(args))
+	for _, a := range args {
+		fmt.Fprintf(&b, "$%d\r\n%s\r\n", len(a), a)
+	}
+	if _, err := c.Write([]byte(b.String())); err != nil {
+		return nil, err
+	}
+	r := bufio.NewReader(c)
+	var out []string
+	return out, readReply(r, &out)
+}
+
+func readReply(r *bufio.Reader, out *[]string) error {
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return err
+	}
+	line = strings.TrimRight(line, "\r\n")
+	if line == "" {
+		return errors.New("empty reply")
+	}
+	switch line[0] {
+	case '+', ':':
+		*out = append(*out, line[1:])
+	case '-':
+		return errors.New(line[1:])
+	case '$':
+		n, _ := strconv.Atoi(line[1:])
+		if n < 0 {
+			*out = append(*out, "")
+			return nil
+		}
+		buf := make([]byte, n+2)
+		if _, err := ioReadFull(r, buf); err != nil {
+			return err
+		}
+		*out = append(*out, string(buf[:n]))
+	case '*':
+		n, _ := strconv.Atoi(line[1:])
+		for range max(n, 0) {
+			if err := readReply(r, out); err != nil {
+				return err
+			}
+		}
+	default:
+		return fmt.Errorf("unexpected reply %q", line)
+	}
+	return nil
+}
+
+func ioReadFull(r *bufio.Reader, buf []byte) (int, error) {
+	n := 0
+	for n < len(buf) {
+		m, err := r.Read(buf[n:])
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// NumSub returns PUBSUB NUMSUB for one channel.
+func (s *Server) NumSub(channel string) (int, error) {
+	lines, err := s.DoLines("PUBSUB", "NUMSUB", channel)
+	if err != nil {
+		return 0, err
+	}
+	if len(lines) != 2 {
+		return 0, fmt.Errorf("PUBSUB NUMSUB: %q", lines)
+	}
+	return strconv.Atoi(lines[1])
+}
+
+// Publish runs PUBLISH and returns the receiver count.
+func (s *Server) Publish(channel, payload string) (int, error) {
+	v, err := s.Do("PUBLISH", channel, payload)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(v)
+}
+
+// ClientCount counts CLIENT LIST entries other than the caller's.
+func (s *Server) ClientCount() (int, error) {
+	list, err := s.Do("CLIENT", "LIST")
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for l := range strings.SplitSeq(strings.TrimSpace(list), "\n") {
+		if l != "" && !strings.Contains(l, "cmd=client|list") {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// FreePort asks the kernel for a free loopback port.
+func FreePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// Installed reports whether redis-server is on PATH.
+func Installed() bool {
+	_, err := exec.LookPath("redis-server")
+	return err == nil
+}
+
