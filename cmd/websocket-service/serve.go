@@ -74,6 +74,13 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 		return err
 	}
 	defer b.Close()
+	select { // a healthy start should not greet its first clients with connection.degraded
+	case <-h.FirstLinkUp():
+	case <-time.After(3 * time.Second):
+		log.Warn("redis is not reachable yet: serving degraded until it is", "redis", config.MaskURL(redisURL))
+	case <-ctx.Done():
+		return nil
+	}
 	auth, err := jwtauth.New(jwtauth.Options{Secret: cfg.JWTSecret, Algorithm: cfg.JWTAlgorithm, Audience: cfg.JWTAudience, Issuer: cfg.JWTIssuer})
 	if err != nil {
 		return err

@@ -153,4 +153,3 @@ func listen(ctx context.Context, args []string, getenv func(string) string, stdo
 		fmt.Fprintln(stdout, string(msg))
 	}
 }
-

@@ -96,10 +96,10 @@ func TestCloseCodes(t *testing.T) {
 	st := newStack(t, func(c *stackConfig) { c.gw.MaxConnsPerUser = 2 })
 	wrongKey, _ := jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.MapClaims{"sub": "x", "exp": time.Now().Add(time.Hour).Unix()}).SignedString([]byte("other-secret"))
 	cases := []struct {
-		name, url  string
-		code       int
-		errorCode  string
-		user       string
+		name, url string
+		code      int
+		errorCode string
+		user      string
 	}{
 		{"missing token", "/ws/v1/status/x", 1008, "AUTHENTICATION_ERROR", "x"},
 		{"malformed", "/ws/v1/status/x?token=abc.def", 1008, "AUTHENTICATION_ERROR", "x"},

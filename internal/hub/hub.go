@@ -62,6 +62,9 @@ type Hub struct {
 	shards [shardCount]shard
 	total  atomic.Int64
 	up     atomic.Bool
+
+	firstUp     chan struct{} // closed by the first HandleLinkUp
+	firstUpOnce sync.Once
 }
 
 type shard struct {
@@ -73,7 +76,7 @@ var _ broker.Handler = (*Hub)(nil)
 
 // New returns a Hub using b for subscriptions; call b.Start(hub) next.
 func New(b broker.Broker, opts Options) *Hub {
-	h := &Hub{opts: opts, broker: b, log: opts.Logger, m: opts.Metrics, seed: maphash.MakeSeed()}
+	h := &Hub{opts: opts, broker: b, log: opts.Logger, m: opts.Metrics, seed: maphash.MakeSeed(), firstUp: make(chan struct{})}
 	if h.log == nil {
 		h.log = slog.New(slog.DiscardHandler)
 	}
@@ -187,7 +190,13 @@ func (h *Hub) HandleMessage(user string, payload []byte) {
 func (h *Hub) HandleLinkDown() { h.setLink(false) }
 
 // HandleLinkUp implements broker.Handler.
-func (h *Hub) HandleLinkUp() { h.setLink(true) }
+func (h *Hub) HandleLinkUp() {
+	h.setLink(true)
+	h.firstUpOnce.Do(func() { close(h.firstUp) })
+}
+
+// FirstLinkUp is closed once the broker link has been up for the first time.
+func (h *Hub) FirstLinkUp() <-chan struct{} { return h.firstUp }
 
 func (h *Hub) setLink(up bool) {
 	h.up.Store(up)

@@ -1,0 +1,225 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"go.uber.org/goleak"
+
+	"github.com/huleedu/websocket-service/internal/redistest"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		goleak.IgnoreTopFunction("github.com/lesismal/nbio/taskpool.New.func3"),
+		goleak.IgnoreAnyFunction("github.com/lesismal/nbio/timer.(*Timer).Start.func1"),
+	)
+}
+
+const secret = "e2e-secret-e2e-secret-e2e-secret-e2e"
+
+// syncBuffer is a goroutine-safe log sink.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+type server struct {
+	port   int
+	cancel context.CancelFunc
+	done   chan error
+	logs   *syncBuffer
+	env    map[string]string
+}
+
+func startServe(t *testing.T, env map[string]string) *server {
+	t.Helper()
+	port, err := redistest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	full := map[string]string{"WEBSOCKET_HOST": "127.0.0.1", "WEBSOCKET_PORT": fmt.Sprint(port), "JWT_SECRET_KEY": secret, "SHUTDOWN_TIMEOUT": "5s"}
+	for k, v := range env {
+		full[k] = v
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &server{port: port, cancel: cancel, done: make(chan error, 1), logs: &syncBuffer{}, env: full}
+	go func() { s.done <- run(ctx, []string{"serve"}, func(k string) string { return full[k] }, s.logs, s.logs) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-s.done:
+		case <-time.After(10 * time.Second):
+			t.Error("serve did not return")
+		}
+	})
+	waitFor(t, 10*time.Second, "serve answers /healthz", func() bool {
+		resp, err := http.Get(s.url("http") + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil && resp.StatusCode == 200
+	})
+	return s
+}
+
+func (s *server) url(scheme string) string { return fmt.Sprintf("%s://127.0.0.1:%d", scheme, s.port) }
+
+func (s *server) token(t *testing.T, sub string) string {
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"token", "--sub", sub}, func(k string) string { return s.env[k] }, &out, &out); err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(out.String())
+}
+
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestServePublishAndShutdown(t *testing.T) {
+	redis := redistest.Start(t)
+	s := startServe(t, map[string]string{"REDIS_URL": redis.URL()})
+	conn, _, err := websocket.DefaultDialer.Dial(s.url("ws")+"/ws/v1/status/alice?token="+s.token(t, "alice"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+
+	var out bytes.Buffer
+	env := func(k string) string { return map[string]string{"REDIS_URL": redis.URL()}[k] }
+	if err := run(context.Background(), []string{"publish", "--user", "alice", "--event", "essay_graded", "--data", `{"id":"e1"}`}, env, &out, &out); err != nil {
+		t.Fatal(err)
+	}
+	if strings.TrimSpace(out.String()) != "1" {
+		t.Fatalf("publish printed %q, want 1 subscribed instance", out.String())
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, msg, err := conn.ReadMessage()
+	if err != nil || string(msg) != `{"event":"essay_graded","data":{"id":"e1"}}` {
+		t.Fatalf("got %s, %v", msg, err)
+	}
+
+	s.cancel() // SIGTERM
+	_, _, err = conn.ReadMessage()
+	var ce *websocket.CloseError
+	if !errors.As(err, &ce) || ce.Code != 1001 || !strings.Contains(ce.Text, "SERVER_SHUTDOWN") {
+		t.Fatalf("want 1001 SERVER_SHUTDOWN, got %v", err)
+	}
+	select {
+	case err := <-s.done:
+		if err != nil {
+			t.Fatalf("serve returned %v", err)
+		}
+		s.done <- nil
+	case <-time.After(6 * time.Second):
+		t.Fatal("serve did not exit within the shutdown timeout")
+	}
+	if strings.Contains(s.logs.String(), secret) {
+		t.Fatal("the JWT secret appears in the logs")
+	}
+}
+
+func TestRedisDownAtStartup(t *testing.T) {
+	port, err := redistest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startServe(t, map[string]string{"REDIS_URL": fmt.Sprintf("redis://:pw@127.0.0.1:%d", port)})
+	status := func() (int, map[string]any) {
+		resp, err := http.Get(s.url("http") + "/healthz/redis")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var v map[string]any
+		_ = json.NewDecoder(resp.Body).Decode(&v)
+		return resp.StatusCode, v
+	}
+	code, v := status()
+	if code != 503 || strings.Contains(fmt.Sprint(v["url"]), "pw") {
+		t.Fatalf("/healthz/redis = %d %v, want 503 with masked url", code, v)
+	}
+	// A client connecting now is accepted and told the service is degraded.
+	conn, _, err := websocket.DefaultDialer.Dial(s.url("ws")+"/ws?token="+s.token(t, "early"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, msg, err := conn.ReadMessage(); err != nil || !strings.Contains(string(msg), "connection.degraded") {
+		t.Fatalf("got %s, %v; want connection.degraded", msg, err)
+	}
+	redis, err := redistest.StartOnPort(t.TempDir(), port, "--requirepass", "pw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(redis.Stop)
+	waitFor(t, 15*time.Second, "/healthz/redis 200", func() bool { c, _ := status(); return c == 200 })
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, msg, err := conn.ReadMessage(); err != nil || !strings.Contains(string(msg), "connection.restored") {
+		t.Fatalf("got %s, %v; want connection.restored", msg, err)
+	}
+	if _, err := redis.Do("AUTH", "pw"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestBadConfigRefusesToStart(t *testing.T) {
+	for name, env := range map[string]map[string]string{
+		"WEBSOCKET_PORT": {"WEBSOCKET_PORT": "99999"},
+		"JWT_ALGORITHM":  {"JWT_ALGORITHM": "none"},
+		"REDIS_URL":      {"ENVIRONMENT": "production", "JWT_SECRET_KEY": strings.Repeat("x", 40)},
+		"JWT_SECRET_KEY": {"ENVIRONMENT": "production", "REDIS_URL": "redis://127.0.0.1:1"},
+	} {
+		var out bytes.Buffer
+		err := run(context.Background(), []string{"serve"}, func(k string) string { return env[k] }, &out, &out)
+		if err == nil || !strings.Contains(err.Error(), name) {
+			t.Errorf("%s: got %v, want an error naming it", name, err)
+		}
+	}
+}
+
+func TestHelpAndVersion(t *testing.T) {
+	for _, args := range [][]string{{"--help"}, {"version"}} {
+		var out bytes.Buffer
+		if err := run(context.Background(), args, func(string) string { return "" }, &out, &out); err != nil || out.Len() == 0 {
+			t.Errorf("%v: %v %q", args, err, out.String())
+		}
+	}
+	for _, cmd := range []string{"serve", "publish", "token", "listen"} {
+		var out bytes.Buffer
+		err := run(context.Background(), []string{cmd, "--help"}, func(string) string { return "" }, &out, &out)
+		if err == nil || !strings.Contains(out.String(), "Environment:") {
+			t.Errorf("%s --help: %v %q", cmd, err, out.String())
+		}
+	}
+}

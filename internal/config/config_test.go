@@ -1,0 +1,122 @@
+package config
+
+import (
+	"errors"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+)
+
+func env(kv ...string) func(string) string {
+	m := map[string]string{}
+	for i := 0; i+1 < len(kv); i += 2 {
+		m[kv[i]] = kv[i+1]
+	}
+	return func(k string) string { return m[k] }
+}
+
+func TestDefaults(t *testing.T) {
+	c, err := Load(env())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Addr() != "0.0.0.0:8080" || c.JWTAlgorithm != "HS256" || c.ChannelPrefix != "ws" ||
+		c.MaxConnsPerUser != 5 || c.MaxConns != 0 || c.PingInterval != 30*time.Second ||
+		c.IdleTimeout != 90*time.Second || c.LogLevel != slog.LevelInfo || c.LogFormat != "json" ||
+		c.Environment != Development || !c.JWTSecretIsDev || c.RedisURL != "" || c.ShutdownTimeout != 10*time.Second ||
+		c.SendQueueMsgs != 256 || c.SendQueueBytes != 1<<20 || c.MaxMessageBytes != 65536 || c.RateLimit != 10 || c.RateBurst != 20 {
+		t.Fatalf("unexpected defaults: %+v", c)
+	}
+}
+
+func TestParsesValues(t *testing.T) {
+	c, err := Load(env("WEBSOCKET_PORT", "9000", "WEBSOCKET_PING_INTERVAL", "15", "WEBSOCKET_IDLE_TIMEOUT", "1m",
+		"CORS_ORIGINS", `["https://a.se","https://b.se/"]`, "LOG_LEVEL", "DEBUG", "JWT_ALGORITHM", "hs512",
+		"REDIS_URL", "rediss://user:pw@redis.example:6380/0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Port != 9000 || c.PingInterval != 15*time.Second || c.IdleTimeout != time.Minute ||
+		strings.Join(c.CORSOrigins, " ") != "https://a.se https://b.se" || c.LogLevel != slog.LevelDebug || c.JWTAlgorithm != "HS512" {
+		t.Fatalf("%+v", c)
+	}
+	c, _ = Load(env("CORS_ORIGINS", "https://a.se, https://b.se"))
+	if len(c.CORSOrigins) != 2 {
+		t.Fatalf("comma list: %q", c.CORSOrigins)
+	}
+}
+
+func TestRejectsBadValuesNamingTheVariable(t *testing.T) {
+	cases := [][2]string{
+		{"WEBSOCKET_PORT", "0"}, {"WEBSOCKET_PORT", "70000"}, {"WEBSOCKET_PORT", "http"},
+		{"WEBSOCKET_PING_INTERVAL", "-5"}, {"WEBSOCKET_PING_INTERVAL", "soon"}, {"WEBSOCKET_IDLE_TIMEOUT", "-1s"},
+		{"WEBSOCKET_MAX_CONNECTIONS_PER_USER", "-1"}, {"WEBSOCKET_MAX_CONNECTIONS", "many"},
+		{"ENVIRONMENT", "staging"}, {"LOG_LEVEL", "verbose"}, {"LOG_FORMAT", "xml"},
+		{"JWT_ALGORITHM", "none"}, {"JWT_ALGORITHM", "RS256"}, {"REDIS_URL", "http://localhost:6379"},
+		{"REDIS_URL", "localhost:6379"}, {"CORS_ORIGINS", "[not json"}, {"PPROF_ADDR", "0.0.0.0:6060"},
+		{"WEBSOCKET_RATE_LIMIT", "0"}, {"REDIS_PUBSUB_PROBE_TIMEOUT", "0"},
+	}
+	for _, tc := range cases {
+		_, err := Load(env(tc[0], tc[1]))
+		if err == nil || !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc[0]) {
+			t.Errorf("%s=%q: error %v does not name the variable", tc[0], tc[1], err)
+		}
+	}
+}
+
+func TestPingMustBeShorterThanIdle(t *testing.T) {
+	_, err := Load(env("WEBSOCKET_PING_INTERVAL", "90", "WEBSOCKET_IDLE_TIMEOUT", "60"))
+	if err == nil || !strings.Contains(err.Error(), "WEBSOCKET_PING_INTERVAL") {
+		t.Fatalf("got %v", err)
+	}
+}
+
+func TestProductionRequirements(t *testing.T) {
+	strong := strings.Repeat("k", 32)
+	for name, e := range map[string]func(string) string{
+		"no redis":     env("ENVIRONMENT", "production", "JWT_SECRET_KEY", strong),
+		"no secret":    env("ENVIRONMENT", "production", "REDIS_URL", "redis://r:6379"),
+		"short secret": env("ENVIRONMENT", "production", "REDIS_URL", "redis://r:6379", "JWT_SECRET_KEY", "short"),
+		"dev secret":   env("ENVIRONMENT", "production", "REDIS_URL", "redis://r:6379", "JWT_SECRET_KEY", DevJWTSecret),
+	} {
+		if _, err := Load(e); err == nil {
+			t.Errorf("%s: production started", name)
+		}
+	}
+	if _, err := Load(env("ENVIRONMENT", "production", "REDIS_URL", "redis://r:6379", "JWT_SECRET_KEY", strong)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestMaskURL(t *testing.T) {
+	got := MaskURL("redis://user:s3cret@host:6379/0")
+	if strings.Contains(got, "s3cret") || strings.Contains(got, "user") || !strings.Contains(got, "host:6379") {
+		t.Fatalf("MaskURL = %q", got)
+	}
+	if got := MaskURL("redis://host:6379"); got != "redis://host:6379" {
+		t.Fatalf("MaskURL = %q", got)
+	}
+}
+
+func FuzzLoad(f *testing.F) {
+	f.Add("8080", "30", "90", "HS256", "redis://127.0.0.1:6379", `["https://a"]`, "production")
+	f.Add("-1", "1e400", "NaN", "none", "redis://", "[", "x")
+	f.Add("65535", "0.5", "1h", "HS512", "rediss://u:p@h:1", "a,b,,", "development")
+	f.Fuzz(func(t *testing.T, port, ping, idle, alg, redis, cors, envName string) {
+		c, err := Load(env("WEBSOCKET_PORT", port, "WEBSOCKET_PING_INTERVAL", ping, "WEBSOCKET_IDLE_TIMEOUT", idle,
+			"JWT_ALGORITHM", alg, "REDIS_URL", redis, "CORS_ORIGINS", cors, "ENVIRONMENT", envName))
+		if err != nil {
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("error not wrapping ErrInvalid: %v", err)
+			}
+			return
+		}
+		if c.Port < 1 || c.Port > 65535 || c.PingInterval <= 0 || c.IdleTimeout <= 0 || c.PingInterval >= c.IdleTimeout {
+			t.Fatalf("accepted invalid config %+v", c)
+		}
+		if c.Production() && (c.RedisURL == "" || len(c.JWTSecret) < 32) {
+			t.Fatalf("production accepted without redis or strong secret")
+		}
+	})
+}
