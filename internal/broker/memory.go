@@ -92,3 +92,11 @@ func (m *MemoryBroker) SetDown(down bool) {
 		m.handler.HandleLinkUp()
 	}
 }
+
+// Subscribed reports whether topic is subscribed (for tests).
+func (m *MemoryBroker) Subscribed(topic string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_, ok := m.topics[topic]
+	return ok
+}
