@@ -65,7 +65,9 @@ func startServe(t *testing.T, env map[string]string) *server {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &server{port: port, cancel: cancel, done: make(chan error, 1), logs: &syncBuffer{}, env: full}
-	go func() { s.done <- run(ctx, []string{"serve"}, func(k string) string { return full[k] }, s.logs, s.logs) }()
+	go func() {
+		s.done <- run(ctx, []string{"serve"}, func(k string) string { return full[k] }, s.logs, s.logs)
+	}()
 	t.Cleanup(func() {
 		cancel()
 		select {

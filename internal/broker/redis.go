@@ -67,6 +67,8 @@ type RedisBroker struct {
 
 	kick     chan struct{} // cap 1: dirty topics to flush
 	probeAck chan struct{} // cap 1: our probe came back
+	probeErr chan error    // cap 1: publishing the probe failed
+	probeWG  sync.WaitGroup
 	lastRecv atomic.Int64  // unix nanos of the last message on the link
 
 	stop chan struct{}
@@ -112,6 +114,7 @@ func NewRedis(opts RedisOptions) (*RedisBroker, error) {
 		dirty:     map[string]struct{}{},
 		kick:      make(chan struct{}, 1),
 		probeAck:  make(chan struct{}, 1),
+		probeErr:  make(chan error, 1),
 		stop:      make(chan struct{}),
 		done:      make(chan struct{}),
 	}, nil
@@ -216,6 +219,7 @@ func (r *RedisBroker) Close() error {
 	if started {
 		<-r.done
 	}
+	r.probeWG.Wait()
 	if c := r.client.Load(); c != nil {
 		(*c).Close()
 	}
@@ -281,7 +285,10 @@ func (r *RedisBroker) connected(onUp func()) error {
 	}
 	client := *c
 	dc, cancel := client.Dedicate()
-	defer cancel()
+	defer func() {
+		dc.Close() // never hand a possibly dead connection back to the pool: that would block on it
+		cancel()
+	}()
 	wait := dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: r.onMessage})
 
 	r.mu.Lock()
@@ -314,7 +321,7 @@ func (r *RedisBroker) connected(onUp func()) error {
 	r.handler.HandleLinkUp()
 
 	r.lastRecv.Store(time.Now().UnixNano())
-	tick := time.NewTicker(min(r.opts.ProbeInterval, time.Second))
+	tick := time.NewTicker(min(r.opts.ProbeInterval, r.opts.ProbeTimeout, 2*time.Second) / 2)
 	defer tick.Stop()
 	var probeDeadline time.Time // zero: no probe outstanding
 	for {
@@ -332,19 +339,29 @@ func (r *RedisBroker) connected(onUp func()) error {
 			}
 		case <-r.probeAck:
 			probeDeadline = time.Time{}
+		case err := <-r.probeErr:
+			return fmt.Errorf("probe publish: %w", err)
 		case now := <-tick.C:
 			switch {
 			case !probeDeadline.IsZero() && now.After(probeDeadline):
 				return errProbeTimeout
 			case probeDeadline.IsZero() && now.Sub(time.Unix(0, r.lastRecv.Load())) >= r.opts.ProbeInterval:
-				ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout)
-				err := client.Do(ctx, client.B().Publish().Channel(r.probeCh).Message("probe").Build()).Error()
-				cancel()
-				if err != nil {
-					return fmt.Errorf("probe publish: %w", err)
-				}
+				// Published off the loop: a stalled server must not stall the
+				// loop, whose timer enforces the deadline.
 				probeDeadline = now.Add(r.opts.ProbeTimeout)
+				r.probeWG.Go(func() { r.publishProbe(client) })
 			}
+		}
+	}
+}
+
+func (r *RedisBroker) publishProbe(client rueidis.Client) {
+	ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout)
+	defer cancel()
+	if err := client.Do(ctx, client.B().Publish().Channel(r.probeCh).Message("probe").Build()).Error(); err != nil {
+		select {
+		case r.probeErr <- err:
+		default:
 		}
 	}
 }
@@ -443,6 +460,10 @@ func (r *RedisBroker) markDown(err error) {
 	r.mu.Unlock()
 	select { // a stale ack must not satisfy the next link's probe
 	case <-r.probeAck:
+	default:
+	}
+	select {
+	case <-r.probeErr:
 	default:
 	}
 	if wasUp {

@@ -68,6 +68,7 @@ type Gateway struct {
 	draining  atomic.Bool
 
 	maxFramePayload int
+	onText          func([]byte) // test hook, nil in production
 
 	stopSweep chan struct{}
 	wg        sync.WaitGroup
@@ -257,6 +258,9 @@ func (g *Gateway) onMessage(c *websocket.Conn, t websocket.MessageType, data []b
 
 // handleText answers the client protocol; other text is ignored.
 func (g *Gateway) handleText(s *session, now time.Time, data []byte) {
+	if g.onText != nil {
+		g.onText(data)
+	}
 	f := parseClientFrame(data)
 	switch f.Type {
 	case "ping":

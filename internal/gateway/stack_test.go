@@ -258,3 +258,5 @@ func eventually(t testing.TB, timeout time.Duration, what string, cond func() bo
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+func asCloseError(err error, target **websocket.CloseError) bool { return errors.As(err, target) }
