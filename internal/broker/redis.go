@@ -69,7 +69,7 @@ type RedisBroker struct {
 	probeAck chan struct{} // cap 1: our probe came back
 	probeErr chan error    // cap 1: publishing the probe failed
 	probeWG  sync.WaitGroup
-	lastRecv atomic.Int64  // unix nanos of the last message on the link
+	lastRecv atomic.Int64 // unix nanos of the last message on the link
 
 	stop chan struct{}
 	done chan struct{}

@@ -1,0 +1,62 @@
+package gateway
+
+import (
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/huleedu/websocket-service/internal/jwtauth"
+	"github.com/huleedu/websocket-service/internal/metrics"
+)
+
+// FuzzInboundFrame drives the inbound text path (parse, ping, refresh) of a
+// session that is not attached to a socket, and checks that whatever comes
+// in, the session either answers with valid JSON or closes with a row of the
+// close-code table.
+func FuzzInboundFrame(f *testing.F) {
+	auth, err := jwtauth.New(jwtauth.Options{Secret: []byte(testSecret), Algorithm: "HS256"})
+	if err != nil {
+		f.Fatal(err)
+	}
+	good, _ := auth.Mint("u", time.Hour)
+	other, _ := auth.Mint("v", time.Hour)
+	for _, seed := range []string{`{"type":"ping"}`, `{"type":"refresh","token":"` + good + `"}`,
+		`{"type":"refresh","token":"` + other + `"}`, `{"type":"refresh"}`, `hello`, `{"type":1}`, `[`, "\x00\xff", `{"type":"ping","type":"refresh"}`} {
+		f.Add([]byte(seed))
+	}
+	writers := newWriterPool(1)
+	f.Cleanup(writers.close)
+	g := &Gateway{opts: defaultOptions(), m: metrics.New(), auth: auth, writers: writers}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		s := newSession(g, "u", time.Now().Add(time.Hour))
+		g.handleText(s, time.Now(), data)
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if r := s.closeNow; r != nil && r != reasonAuthentication && r != reasonAuthorization {
+			t.Fatalf("closed with %s", r.ErrorCode)
+		}
+		for _, o := range s.queue[s.head:] {
+			if !json.Valid(o.msg.Payload) {
+				t.Fatalf("sent invalid JSON %q", o.msg.Payload)
+			}
+		}
+	})
+}
+
+func TestCloseReasonsFitAControlFrame(t *testing.T) {
+	for _, r := range []*closeReason{reasonAuthentication, reasonAuthorization, reasonQuota, reasonBusy, reasonUnsupported,
+		reasonTooBig, reasonIdle, reasonShutdown, reasonInternal, reasonExpired, reasonSlow, reasonRateLimited} {
+		if len(r.frame) > 125 || !json.Valid(r.frame[2:]) {
+			t.Errorf("%s: %d bytes", r.ErrorCode, len(r.frame))
+		}
+	}
+}
+
+func TestFrameBytes(t *testing.T) {
+	for _, tc := range []struct{ n, max, want int }{{0, 1 << 20, 2}, {125, 1 << 20, 127}, {126, 1 << 20, 130},
+		{65535, 1 << 20, 65539}, {65536, 1 << 20, 65546}, {100, 40, 106}} {
+		if got := frameBytes(tc.n, tc.max); got != tc.want {
+			t.Errorf("frameBytes(%d,%d) = %d, want %d", tc.n, tc.max, got, tc.want)
+		}
+	}
+}
