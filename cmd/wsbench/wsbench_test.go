@@ -1,0 +1,132 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/huleedu/websocket-service/internal/redistest"
+)
+
+const secret = "wsbench-test-secret-wsbench-test-secret"
+
+// gateway is a websocket-service process built from this module.
+type gateway struct {
+	cmd  *exec.Cmd
+	url  string
+	done chan struct{}
+}
+
+func startGateway(t *testing.T, redisURL string) *gateway {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "websocket-service")
+	if out, err := exec.Command("go", "build", "-o", bin, "../websocket-service").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	port, err := redistest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "serve")
+	cmd.Env = append(os.Environ(), "WEBSOCKET_HOST=127.0.0.1", fmt.Sprintf("WEBSOCKET_PORT=%d", port),
+		"REDIS_URL="+redisURL, "JWT_SECRET_KEY="+secret, "LOG_LEVEL=warn")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	g := &gateway{cmd: cmd, url: fmt.Sprintf("ws://127.0.0.1:%d", port), done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); close(g.done) }()
+	t.Cleanup(func() { _ = cmd.Process.Kill(); <-g.done })
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/healthz", port)); err == nil {
+			resp.Body.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("gateway did not start listening")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return g
+}
+
+func testOptions(g *gateway, redisURL string) options {
+	return options{URL: g.url, Redis: redisURL, Prefix: "ws", Secret: secret, Conns: 50, Users: 20,
+		Concurrency: 16, Sources: 2, Rate: 200, Duration: 2 * time.Second, Drain: 3 * time.Second,
+		Hold: 200 * time.Millisecond, P99Bound: time.Second, Payload: 100,
+		ServerPids: fmt.Sprint(g.cmd.Process.Pid)}
+}
+
+func TestDeliverCountsEverything(t *testing.T) {
+	redis := redistest.Start(t)
+	g := startGateway(t, redis.URL())
+	b, err := newBench(testOptions(g, redis.URL()), os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.close()
+	b.connectAll(context.Background())
+	if b.open() != 50 {
+		t.Fatalf("%d open, failures %v", b.open(), b.failureMap())
+	}
+	r := b.deliver(context.Background(), 200)
+	if r.Lost != 0 || r.Duplicated != 0 || r.Received != r.Expected || r.Expected == 0 || r.Latency["count"] == 0 {
+		t.Fatalf("unexpected result %+v", r)
+	}
+}
+
+func TestDetectsLossWhenServerIsKilled(t *testing.T) {
+	redis := redistest.Start(t)
+	g := startGateway(t, redis.URL())
+	o := testOptions(g, redis.URL())
+	o.Duration, o.Drain = 3*time.Second, time.Second
+	b, err := newBench(o, os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.close()
+	b.connectAll(context.Background())
+	go func() { // kill the server once deliveries are flowing
+		for b.latencyCount() < 50 {
+			time.Sleep(5 * time.Millisecond)
+		}
+		_ = g.cmd.Process.Kill()
+	}()
+	r := b.deliver(context.Background(), 200)
+	if r.Lost == 0 {
+		t.Fatalf("server killed mid-run but lost = 0: %+v", r)
+	}
+}
+
+func TestIdleAndStormScenariosProduceJSON(t *testing.T) {
+	redis := redistest.Start(t)
+	g := startGateway(t, redis.URL())
+	for _, scenario := range []string{"idle", "storm"} {
+		var out bytes.Buffer
+		o := testOptions(g, redis.URL())
+		args := []string{"--scenario", scenario, "--url", o.URL, "--redis", o.Redis, "--jwt-secret", secret,
+			"--conns", "40", "--users", "10", "--hold", "100ms", "--server-pid", o.ServerPids, "--sources", "2"}
+		if err := run(context.Background(), args, &out, os.Stderr); err != nil {
+			t.Fatalf("%s: %v", scenario, err)
+		}
+		var res map[string]any
+		if err := json.Unmarshal(out.Bytes(), &res); err != nil {
+			t.Fatalf("%s: output is not one JSON object: %v\n%s", scenario, err, out.String())
+		}
+		if scenario == "idle" && (res["open"] != 40.0 || res["server_rss_per_conn_bytes"] == nil) {
+			t.Fatalf("idle result %v", res)
+		}
+		if scenario == "storm" && (res["reconnected"] != 40.0 || res["not_receiving"] != 0.0) {
+			t.Fatalf("storm result %v", res)
+		}
+	}
+}
