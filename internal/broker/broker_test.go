@@ -1,7 +1,10 @@
 package broker_test
 
 import (
+	"strconv"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 
@@ -31,6 +34,33 @@ func TestRedisBroker(t *testing.T) {
 			if _, err := srv.Publish(notify.Channel("ws", topic), string(payload)); err != nil {
 				t.Fatal(err)
 			}
+		}
+	})
+}
+
+// BenchmarkSubscribeChurn subscribes and unsubscribes distinct topics from
+// many goroutines at once against a real redis-server: the broker batches
+// them into few SUBSCRIBE/UNSUBSCRIBE round trips.
+func BenchmarkSubscribeChurn(b *testing.B) {
+	srv := redistest.Start(b)
+	br, err := broker.NewRedis(broker.RedisOptions{URL: srv.URL(), Prefix: "ws"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	rec := brokertest.NewRecorder()
+	if err := br.Start(rec); err != nil {
+		b.Fatal(err)
+	}
+	defer br.Close()
+	rec.WaitLink(b, "up", 10*time.Second)
+	var n atomic.Int64
+	b.ReportAllocs()
+	b.SetParallelism(32)
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			topic := "churn-" + strconv.FormatInt(n.Add(1), 10)
+			<-br.Subscribe(topic)
+			br.Unsubscribe(topic)
 		}
 	})
 }
