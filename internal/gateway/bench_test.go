@@ -15,7 +15,11 @@ import (
 func BenchmarkDeliverToSockets(b *testing.B) {
 	for _, conns := range []int{1, 5, 50} {
 		b.Run(fmt.Sprintf("conns=%d", conns), func(b *testing.B) {
-			st := newStack(b, func(c *stackConfig) { c.gw.MaxConnsPerUser = conns; c.gw.SendQueueMsgs = 1 << 20; c.gw.SendQueueBytes = 1 << 30 })
+			st := newStack(b, func(c *stackConfig) {
+				c.gw.MaxConnsPerUser = conns
+				c.gw.SendQueueMsgs = 1 << 20
+				c.gw.SendQueueBytes = 1 << 30
+			})
 			payload := []byte(`{"event":"essay_status_updated","data":{"essay_id":"e-1","status":"graded"}}`)
 			frame := int64(frameBytes(len(payload), 1<<20))
 			var got atomic.Int64
