@@ -68,7 +68,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 	}
 	h := hub.New(b, hub.Options{
 		MaxConnsPerUser: cfg.MaxConnsPerUser, MaxConns: cfg.MaxConns, MaxMessageBytes: cfg.MaxMessageBytes,
-		Logger: log.With("component", "hub"), Metrics: m,
+		Encode: gateway.TextFrame, Logger: log.With("component", "hub"), Metrics: m,
 	})
 	if err := b.Start(h); err != nil {
 		return err

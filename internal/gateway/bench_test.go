@@ -21,7 +21,7 @@ func BenchmarkDeliverToSockets(b *testing.B) {
 				c.gw.SendQueueBytes = 1 << 30
 			})
 			payload := []byte(`{"event":"essay_status_updated","data":{"essay_id":"e-1","status":"graded"}}`)
-			frame := int64(frameBytes(len(payload), 1<<20))
+			frame := int64(len(TextFrame(payload)))
 			var got atomic.Int64
 			for range conns {
 				c := st.dial("bench")

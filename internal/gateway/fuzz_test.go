@@ -52,11 +52,12 @@ func TestCloseReasonsFitAControlFrame(t *testing.T) {
 	}
 }
 
-func TestFrameBytes(t *testing.T) {
-	for _, tc := range []struct{ n, max, want int }{{0, 1 << 20, 2}, {125, 1 << 20, 127}, {126, 1 << 20, 130},
-		{65535, 1 << 20, 65539}, {65536, 1 << 20, 65546}, {100, 40, 106}} {
-		if got := frameBytes(tc.n, tc.max); got != tc.want {
-			t.Errorf("frameBytes(%d,%d) = %d, want %d", tc.n, tc.max, got, tc.want)
+func TestTextFrame(t *testing.T) {
+	for _, n := range []int{0, 125, 126, 65535, 65536} {
+		f := TextFrame(make([]byte, n))
+		hdr := map[bool]int{true: 2}[n < 126] + map[bool]int{true: 4}[n >= 126 && n <= 65535] + map[bool]int{true: 10}[n > 65535]
+		if len(f) != hdr+n || f[0] != 0x81 {
+			t.Errorf("TextFrame(%d bytes): %d bytes, first byte %#x", n, len(f), f[0])
 		}
 	}
 }

@@ -67,8 +67,7 @@ type Gateway struct {
 	started   time.Time
 	draining  atomic.Bool
 
-	maxFramePayload int
-	onText          func([]byte) // test hook, nil in production
+	onText func([]byte) // test hook, nil in production
 
 	stopSweep chan struct{}
 	wg        sync.WaitGroup
@@ -98,7 +97,6 @@ func New(opts Options, h *hub.Hub, b broker.Broker, auth *jwtauth.Validator, m *
 		ReleaseWebsocketPayload:      true,
 		MaxWebsocketFramePayloadSize: 1 << 20,
 	})
-	g.maxFramePayload = g.engine.MaxWebsocketFramePayloadSize
 	g.engine.OnWrittenSize(func(c *nbio.Conn, _ []byte, n int) {
 		if wc, ok := c.Session().(*websocket.Conn); ok {
 			if s, ok := wc.Session().(*session); ok {
@@ -203,7 +201,7 @@ func (g *Gateway) newUpgrader() *websocket.Upgrader {
 	u.SetPingHandler(func(c *websocket.Conn, data string) {
 		if s := sessionOf(c); s != nil {
 			s.lastSeen.Store(time.Now().UnixNano())
-			_ = s.write(websocket.PongMessage, []byte(data))
+			_ = s.writeControl(websocket.PongMessage, []byte(data))
 		}
 	})
 	u.SetPongHandler(func(c *websocket.Conn, _ string) {
@@ -225,7 +223,7 @@ func (g *Gateway) newUpgrader() *websocket.Upgrader {
 				code = 1000
 			}
 			frame := []byte{byte(code >> 8), byte(code)}
-			_ = s.write(websocket.CloseMessage, frame)
+			_ = s.writeControl(websocket.CloseMessage, frame)
 		}
 	})
 	return u

@@ -82,7 +82,7 @@ func newStack(t testing.TB, mutate func(*stackConfig)) *stack {
 		t.Fatal(err)
 	}
 	st.broker = b
-	cfg.hub.Metrics, cfg.hub.Logger = st.m, log
+	cfg.hub.Metrics, cfg.hub.Logger, cfg.hub.Encode = st.m, log, TextFrame
 	st.hub = hub.New(b, cfg.hub)
 	if err := b.Start(st.hub); err != nil {
 		t.Fatal(err)

@@ -29,6 +29,7 @@ var (
 // connection it is delivered to (it is never copied per connection).
 type Message struct {
 	Payload    []byte
+	Frame      []byte // Options.Encode(Payload): what connections write, encoded once
 	ReceivedAt time.Time
 }
 
@@ -46,8 +47,11 @@ type Options struct {
 	MaxConnsPerUser int
 	MaxConns        int // 0: no limit
 	MaxMessageBytes int
-	Logger          *slog.Logger
-	Metrics         *metrics.Metrics
+	// Encode turns a payload into the bytes every connection writes (the
+	// gateway's WebSocket text framing), once per message. Nil: Frame = Payload.
+	Encode  func(payload []byte) []byte
+	Logger  *slog.Logger
+	Metrics *metrics.Metrics
 }
 
 const shardCount = 64
@@ -173,7 +177,10 @@ func (h *Hub) HandleMessage(user string, payload []byte) {
 		h.log.Warn("dropped non-JSON message from redis", "bytes", len(payload))
 		return
 	}
-	msg := &Message{Payload: payload, ReceivedAt: time.Now()}
+	msg := &Message{Payload: payload, Frame: payload, ReceivedAt: time.Now()}
+	if h.opts.Encode != nil {
+		msg.Frame = h.opts.Encode(payload)
+	}
 	s := h.shard(user)
 	s.mu.RLock()
 	conns := s.users[user]
