@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"runtime/debug"
 	"strings"
 	"time"
 
@@ -42,6 +43,12 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 	}
 	log := newLogger(cfg, stderr)
 	gateway.RouteEngineLogs(log)
+	if getenv("GOGC") == "" {
+		// Idle connections are long-lived and allocate nothing; a tighter GC
+		// target keeps RSS near the live heap at little CPU cost
+		// (docs/benchmarks.md). GOGC overrides it.
+		debug.SetGCPercent(50)
+	}
 	if cfg.JWTSecretIsDev {
 		log.Warn("JWT_SECRET_KEY is unset: using the development secret (refused in production)")
 	}

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/HdrHistogram/hdrhistogram-go"
@@ -70,6 +71,7 @@ func newBench(o options, log io.Writer) (*bench, error) {
 		return nil, fmt.Errorf("--redis: %w", err)
 	}
 	opt.DisableCache = true
+	opt.PipelineMultiplex = -1 // one connection: commands reach Redis in the order sent
 	if b.redis, err = rueidis.NewClient(opt); err != nil {
 		return nil, fmt.Errorf("connect to redis: %w", err)
 	}
@@ -177,7 +179,7 @@ func (b *bench) dial(i int) *benchConn {
 	}
 	src := &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(1+i%b.o.Sources))}
 	start := time.Now()
-	d := net.Dialer{LocalAddr: src, Timeout: 10 * time.Second}
+	d := net.Dialer{LocalAddr: src, Timeout: 10 * time.Second, Control: bindAddressNoPort}
 	nc, err := d.Dial("tcp", u.Host)
 	if err != nil {
 		b.fail(classify(err))
@@ -351,4 +353,15 @@ func (b *bench) latencyCount() int64 {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.latency.TotalCount()
+}
+
+// bindAddressNoPort sets IP_BIND_ADDRESS_NO_PORT: with a source address but
+// no port, the kernel picks the port at connect time per 4-tuple, instead of
+// at bind time among ports free on every destination (slow, and exhausted by
+// TIME_WAIT after a reconnect storm).
+func bindAddressNoPort(_, _ string, rc syscall.RawConn) error {
+	const ipBindAddressNoPort = 24 // linux/in.h
+	return rc.Control(func(fd uintptr) {
+		_ = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, ipBindAddressNoPort, 1)
+	})
 }

@@ -41,6 +41,7 @@ type options struct {
 	Drain       time.Duration
 	FindMax     bool
 	P99Bound    time.Duration
+	Step        float64
 	ServerPids  string
 	Payload     int
 	Sharded     bool
@@ -78,6 +79,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.Drain, "drain", 3*time.Second, "deliver: wait this long after the last publish for stragglers")
 	fs.BoolVar(&o.FindMax, "find-max", false, "deliver: step the rate up and report the highest with zero loss and p99 under --p99-bound")
 	fs.DurationVar(&o.P99Bound, "p99-bound", 20*time.Millisecond, "deliver --find-max: latency bound")
+	fs.Float64Var(&o.Step, "step", 1.25, "deliver --find-max: factor between successive rates")
 	fs.StringVar(&o.ServerPids, "server-pid", "", "pid(s) of the gateway process(es), comma-separated, to read RSS and CPU from /proc")
 	fs.IntVar(&o.Payload, "payload", 100, "deliver: approximate payload size in bytes")
 	fs.BoolVar(&o.Sharded, "sharded", false, "publish with SPUBLISH (REDIS_PUBSUB_MODE=sharded)")

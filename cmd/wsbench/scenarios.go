@@ -111,7 +111,7 @@ func (b *bench) findMax(ctx context.Context) (any, error) {
 	b.connectAll(ctx)
 	var runs []deliverRun
 	best := 0.0
-	for rate := b.o.Rate; ctx.Err() == nil; rate = rate * 3 / 2 {
+	for rate := b.o.Rate; ctx.Err() == nil; rate = int(float64(rate) * max(b.o.Step, 1.01)) {
 		r := b.deliver(ctx, rate)
 		runs = append(runs, r)
 		fmt.Fprintf(b.log, "[find-max] rate %d: %.0f deliveries/s, lost %d, p99 %.2fms\n", rate, r.DeliveriesPerS, r.Lost, r.Latency["p99_ms"])
@@ -145,8 +145,29 @@ func (b *bench) deliver(ctx context.Context, rate int) deliverRun {
 	start := time.Now()
 	var seq int64
 	var progress atomic.Int64 // seq, for the progress line
+	// One publisher goroutine sends batches in sequence order (coalescing
+	// whatever queued up meanwhile into one pipeline), so each user's
+	// messages reach Redis in increasing sequence and reordering can be told
+	// from duplication.
+	batches := make(chan rueidis.Commands, 4096)
 	var pubWG sync.WaitGroup
-	sem := make(chan struct{}, 8)
+	pubWG.Go(func() {
+		for cmds := range batches {
+			for more := true; more; {
+				select {
+				case next, ok := <-batches:
+					if !ok {
+						more = false
+						break
+					}
+					cmds = append(cmds, next...)
+				default:
+					more = false
+				}
+			}
+			b.redis.DoMulti(context.Background(), cmds...)
+		}
+	})
 	stopProgress := b.progress("deliver", func() string {
 		return fmt.Sprintf("rate %d: published %d, latency samples %d", rate, progress.Load(), b.latencyCount())
 	})
@@ -171,13 +192,10 @@ func (b *bench) deliver(ctx context.Context, rate int) deliverRun {
 		}
 		b.mu.Unlock()
 		progress.Store(seq)
-		sem <- struct{}{}
-		pubWG.Go(func() {
-			defer func() { <-sem }()
-			b.redis.DoMulti(context.Background(), cmds...)
-		})
+		batches <- cmds
 	}
 	tick.Stop()
+	close(batches)
 	pubWG.Wait()
 	published := seq
 	pubTime := time.Since(start)
