@@ -36,8 +36,9 @@ type Notification struct {
 
 // Publisher publishes notifications through a rueidis client.
 type Publisher struct {
-	client rueidis.Client
-	prefix string
+	client  rueidis.Client
+	prefix  string
+	sharded bool
 }
 
 // NewPublisher returns a Publisher using client and the channel prefix
@@ -47,6 +48,15 @@ func NewPublisher(client rueidis.Client, prefix string) *Publisher {
 		prefix = DefaultPrefix
 	}
 	return &Publisher{client: client, prefix: prefix}
+}
+
+// NewShardedPublisher is NewPublisher for gateways running with
+// REDIS_PUBSUB_MODE=sharded: it publishes with SPUBLISH, which Redis Cluster
+// routes to the node owning the channel's slot only.
+func NewShardedPublisher(client rueidis.Client, prefix string) *Publisher {
+	p := NewPublisher(client, prefix)
+	p.sharded = true
+	return p
 }
 
 // PublishUserNotification sends {"event":event,"data":data} to the user.
@@ -68,7 +78,11 @@ func (p *Publisher) Publish(ctx context.Context, userID string, payload json.Raw
 	if !json.Valid(payload) {
 		return 0, ErrInvalidPayload
 	}
-	cmd := p.client.B().Publish().Channel(Channel(p.prefix, userID)).Message(rueidis.BinaryString(payload)).Build()
+	ch, msg := Channel(p.prefix, userID), rueidis.BinaryString(payload)
+	cmd := p.client.B().Publish().Channel(ch).Message(msg).Build()
+	if p.sharded {
+		cmd = p.client.B().Spublish().Channel(ch).Message(msg).Build()
+	}
 	n, err := p.client.Do(ctx, cmd).AsInt64()
 	if err != nil {
 		return 0, fmt.Errorf("notify: publish: %w", err)

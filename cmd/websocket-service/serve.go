@@ -54,8 +54,8 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 	}
 	m := metrics.New()
 
-	redisURL, resp2 := cfg.RedisURL, false
-	if redisURL == "" { // development only: config refuses this in production
+	topo, resp2 := topology(cfg), false
+	if !cfg.RedisConfigured() { // development only: config refuses this in production
 		url, embedded, err := devredis.Resolve(log)
 		if err != nil {
 			return err
@@ -64,10 +64,11 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 			defer embedded.Close()
 			resp2 = true
 		}
-		redisURL = url
+		topo.URL = url
 	}
+	redisURL := topo.Describe()
 	b, err := broker.NewRedis(broker.RedisOptions{
-		URL: redisURL, Prefix: cfg.ChannelPrefix, ProbeInterval: cfg.ProbeInterval, ProbeTimeout: cfg.ProbeTimeout,
+		Topology: topo, Sharded: cfg.PubSubMode == "sharded", Prefix: cfg.ChannelPrefix, ProbeInterval: cfg.ProbeInterval, ProbeTimeout: cfg.ProbeTimeout,
 		RESP2: resp2, Logger: log.With("component", "broker"), Observer: m,
 	})
 	if err != nil {
@@ -93,7 +94,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 		return err
 	}
 	gw, err := gateway.New(gateway.Options{
-		Environment: cfg.Environment, RedisURL: redisURL, MaxConnsPerUser: cfg.MaxConnsPerUser,
+		Environment: cfg.Environment, RedisAddress: redisURL, MaxConnsPerUser: cfg.MaxConnsPerUser,
 		MaxHandshakes: cfg.MaxHandshakes, PingInterval: cfg.PingInterval, IdleTimeout: cfg.IdleTimeout,
 		SendQueueMsgs: cfg.SendQueueMsgs, SendQueueBytes: cfg.SendQueueBytes,
 		RateLimit: cfg.RateLimit, RateBurst: cfg.RateBurst, CORSOrigins: cfg.CORSOrigins,
@@ -143,6 +144,12 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 	}
 	log.Info("shutdown complete")
 	return nil
+}
+
+// topology turns the Redis settings into the broker's Topology.
+func topology(cfg config.Config) broker.Topology {
+	return broker.Topology{URL: cfg.RedisURL, ClusterNodes: cfg.ClusterNodes, SentinelAddrs: cfg.SentinelAddrs,
+		SentinelMaster: cfg.SentinelMaster, Username: cfg.RedisUsername, Password: cfg.RedisPassword, TLS: cfg.RedisTLS}
 }
 
 func newLogger(cfg config.Config, w io.Writer) *slog.Logger {

@@ -22,7 +22,8 @@ func publish(ctx context.Context, args []string, getenv func(string) string, std
 	fs := newFlagSet("publish",
 		"Publish {\"event\":E,\"data\":D} (or --raw JSON as is) to the user's channel <REDIS_CHANNEL_PREFIX>:<user>.\n"+
 			"Prints the number Redis returns: gateway instances subscribed to that channel, not WebSockets.",
-		[]string{"REDIS_URL (default redis://127.0.0.1:6379)", "REDIS_CHANNEL_PREFIX (default ws)"}, stderr)
+		[]string{"REDIS_URL (default redis://127.0.0.1:6379), or REDIS_CLUSTER_NODES, or REDIS_SENTINEL_ADDRS + REDIS_SENTINEL_MASTER",
+			"REDIS_USERNAME, REDIS_PASSWORD, REDIS_TLS (cluster/Sentinel)", "REDIS_PUBSUB_MODE (sharded: SPUBLISH)", "REDIS_CHANNEL_PREFIX (default ws)"}, stderr)
 	user := fs.String("user", "", "user id (the token's sub)")
 	event := fs.String("event", "", "event name, e.g. batch_phase_concluded")
 	data := fs.String("data", "{}", "event data, a JSON value")
@@ -45,23 +46,27 @@ func publish(ctx context.Context, args []string, getenv func(string) string, std
 	if err != nil {
 		return err
 	}
-	addr := cfg.RedisURL
-	if addr == "" {
-		addr = config.DefaultRedisURL
+	topo := topology(cfg)
+	if !cfg.RedisConfigured() {
+		topo.URL = config.DefaultRedisURL
 	}
-	opt, err := rueidis.ParseURL(addr)
+	opt, err := topo.ClientOption()
 	if err != nil {
-		return fmt.Errorf("REDIS_URL: %w", err)
+		return err
 	}
-	opt.DisableCache, opt.AlwaysRESP2 = true, true
+	opt.AlwaysRESP2 = !cfg.RedisConfigured() // the embedded development server speaks RESP2 only
 	client, err := rueidis.NewClient(opt)
 	if err != nil {
-		return fmt.Errorf("connect to %s: %w", config.MaskURL(addr), err)
+		return fmt.Errorf("connect to %s: %w", topo.Describe(), err)
 	}
 	defer client.Close()
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	n, err := notify.NewPublisher(client, cfg.ChannelPrefix).Publish(ctx, *user, payload)
+	pub := notify.NewPublisher(client, cfg.ChannelPrefix)
+	if cfg.PubSubMode == "sharded" {
+		pub = notify.NewShardedPublisher(client, cfg.ChannelPrefix)
+	}
+	n, err := pub.Publish(ctx, *user, payload)
 	if err != nil {
 		return err
 	}

@@ -26,7 +26,7 @@ func TestMemoryBroker(t *testing.T) {
 func TestRedisBroker(t *testing.T) {
 	srv := redistest.Start(t)
 	brokertest.Run(t, func(t testing.TB) (broker.Broker, brokertest.Publish) {
-		b, err := broker.NewRedis(broker.RedisOptions{URL: srv.URL(), Prefix: "ws"})
+		b, err := broker.NewRedis(broker.RedisOptions{Topology: broker.Topology{URL: srv.URL()}, Prefix: "ws"})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -43,7 +43,7 @@ func TestRedisBroker(t *testing.T) {
 // them into few SUBSCRIBE/UNSUBSCRIBE round trips.
 func BenchmarkSubscribeChurn(b *testing.B) {
 	srv := redistest.Start(b)
-	br, err := broker.NewRedis(broker.RedisOptions{URL: srv.URL(), Prefix: "ws"})
+	br, err := broker.NewRedis(broker.RedisOptions{Topology: broker.Topology{URL: srv.URL()}, Prefix: "ws"})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -21,11 +21,12 @@ var _ Broker = (*RedisBroker)(nil)
 
 // RedisOptions configure a RedisBroker.
 type RedisOptions struct {
-	URL           string        // redis:// or rediss://
+	Topology      Topology      // where Redis is
 	Prefix        string        // channel = Prefix + ":" + topic
 	ProbeInterval time.Duration // quiet time before the link is probed
 	ProbeTimeout  time.Duration // a probe not back by then breaks the link
 	RESP2         bool          // for Redis-protocol servers without RESP3 (miniredis)
+	Sharded       bool          // SSUBSCRIBE on each channel's slot owner (REDIS_PUBSUB_MODE=sharded)
 	Logger        *slog.Logger
 	Observer      Observer // may be nil
 }
@@ -84,15 +85,12 @@ type topicState struct {
 // NewRedis parses the options; it does not connect (Start does, and keeps
 // trying while Redis is down).
 func NewRedis(opts RedisOptions) (*RedisBroker, error) {
-	co, err := rueidis.ParseURL(opts.URL)
+	co, err := opts.Topology.ClientOption()
 	if err != nil {
-		return nil, fmt.Errorf("broker: REDIS_URL: %w", err)
+		return nil, err
 	}
-	co.DisableCache = true
-	co.PipelineMultiplex = -1 // one command connection
 	co.AlwaysRESP2 = opts.RESP2
 	co.BlockingPoolSize = 1 // the dedicated pub/sub connection
-	co.Dialer.Timeout = 3 * time.Second
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}

@@ -40,6 +40,13 @@ type Config struct {
 	JWTAudience     string // JWT_AUDIENCE
 	JWTIssuer       string // JWT_ISSUER
 	RedisURL        string // REDIS_URL ("" in development: probe 127.0.0.1:6379, else embedded)
+	ClusterNodes    []string // REDIS_CLUSTER_NODES: seed host:port list
+	SentinelAddrs   []string // REDIS_SENTINEL_ADDRS
+	SentinelMaster  string   // REDIS_SENTINEL_MASTER
+	RedisUsername   string   // REDIS_USERNAME (cluster/Sentinel; a URL carries its own)
+	RedisPassword   string   // REDIS_PASSWORD
+	RedisTLS        bool     // REDIS_TLS
+	PubSubMode      string   // REDIS_PUBSUB_MODE: classic or sharded
 	ChannelPrefix   string // REDIS_CHANNEL_PREFIX
 	ProbeInterval   time.Duration
 	ProbeTimeout    time.Duration
@@ -64,6 +71,12 @@ type Config struct {
 // Addr is the listen address.
 func (c Config) Addr() string { return fmt.Sprintf("%s:%d", c.Host, c.Port) }
 
+// RedisConfigured reports whether a Redis topology was given (otherwise
+// development falls back to 127.0.0.1:6379 or the embedded server).
+func (c Config) RedisConfigured() bool {
+	return c.RedisURL != "" || len(c.ClusterNodes) > 0 || len(c.SentinelAddrs) > 0
+}
+
 // Production reports whether ENVIRONMENT=production.
 func (c Config) Production() bool { return c.Environment == Production }
 
@@ -82,6 +95,13 @@ var Variables = []Variable{
 	{"JWT_AUDIENCE", "unset", "when set, a token's aud must contain it"},
 	{"JWT_ISSUER", "unset", "when set, a token's iss must equal it"},
 	{"REDIS_URL", "development: redis://127.0.0.1:6379, else an embedded dev Redis", "redis:// or rediss:// URL"},
+	{"REDIS_CLUSTER_NODES", "unset", "Redis Cluster seed nodes host:port,host:port (instead of REDIS_URL)"},
+	{"REDIS_SENTINEL_ADDRS", "unset", "Sentinel addresses host:port,... (instead of REDIS_URL)"},
+	{"REDIS_SENTINEL_MASTER", "unset", "the master name Sentinel monitors (required with REDIS_SENTINEL_ADDRS)"},
+	{"REDIS_USERNAME", "unset", "ACL user for cluster/Sentinel nodes"},
+	{"REDIS_PASSWORD", "unset", "password for cluster/Sentinel nodes"},
+	{"REDIS_TLS", "false", "TLS to cluster/Sentinel nodes"},
+	{"REDIS_PUBSUB_MODE", "classic", "classic (PUBLISH/SUBSCRIBE) or sharded (SPUBLISH/SSUBSCRIBE)"},
 	{"REDIS_CHANNEL_PREFIX", "ws", "channel = <prefix>:<user_id>"},
 	{"REDIS_PUBSUB_PROBE_INTERVAL", "5s", "quiet time after which the pub/sub link is probed"},
 	{"REDIS_PUBSUB_PROBE_TIMEOUT", "3s", "a probe not back by then marks the link broken"},
@@ -114,6 +134,13 @@ func Load(getenv func(string) string) (Config, error) {
 		JWTIssuer:       p.str("JWT_ISSUER", ""),
 		RedisURL:        p.redisURL("REDIS_URL"),
 		ChannelPrefix:   p.str("REDIS_CHANNEL_PREFIX", "ws"),
+		ClusterNodes:    p.addrList("REDIS_CLUSTER_NODES"),
+		SentinelAddrs:   p.addrList("REDIS_SENTINEL_ADDRS"),
+		SentinelMaster:  p.str("REDIS_SENTINEL_MASTER", ""),
+		RedisUsername:   p.str("REDIS_USERNAME", ""),
+		RedisPassword:   getenv("REDIS_PASSWORD"),
+		RedisTLS:        p.boolean("REDIS_TLS"),
+		PubSubMode:      p.oneOf("REDIS_PUBSUB_MODE", "classic", "classic", "sharded"),
 		ProbeInterval:   p.duration("REDIS_PUBSUB_PROBE_INTERVAL", 5*time.Second, true),
 		ProbeTimeout:    p.duration("REDIS_PUBSUB_PROBE_TIMEOUT", 3*time.Second, true),
 		MaxConnsPerUser: p.intRange("WEBSOCKET_MAX_CONNECTIONS_PER_USER", 5, 1, 1<<20),
@@ -144,9 +171,21 @@ func Load(getenv func(string) string) (Config, error) {
 	if strings.ContainsAny(c.ChannelPrefix, " \r\n") {
 		p.fail("REDIS_CHANNEL_PREFIX", c.ChannelPrefix, "a prefix without spaces or newlines")
 	}
+	topologies := 0
+	for _, set := range []bool{c.RedisURL != "", len(c.ClusterNodes) > 0, len(c.SentinelAddrs) > 0} {
+		if set {
+			topologies++
+		}
+	}
+	if topologies > 1 {
+		p.errs = append(p.errs, fmt.Errorf("%w: set only one of REDIS_URL, REDIS_CLUSTER_NODES and REDIS_SENTINEL_ADDRS", ErrInvalid))
+	}
+	if (len(c.SentinelAddrs) > 0) != (c.SentinelMaster != "") {
+		p.errs = append(p.errs, fmt.Errorf("%w: REDIS_SENTINEL_ADDRS and REDIS_SENTINEL_MASTER go together", ErrInvalid))
+	}
 	if c.Production() {
-		if c.RedisURL == "" {
-			p.errs = append(p.errs, fmt.Errorf("%w: REDIS_URL is required when ENVIRONMENT=production", ErrInvalid))
+		if topologies == 0 {
+			p.errs = append(p.errs, fmt.Errorf("%w: REDIS_URL (or REDIS_CLUSTER_NODES, or REDIS_SENTINEL_ADDRS) is required when ENVIRONMENT=production", ErrInvalid))
 		}
 		switch {
 		case c.JWTSecretIsDev || string(c.JWTSecret) == DevJWTSecret:
@@ -290,6 +329,36 @@ func (p *parser) list(name string) []string {
 	return clean
 }
 
+func (p *parser) boolean(name string) bool {
+	switch v := strings.ToLower(strings.TrimSpace(p.getenv(name))); v {
+	case "", "0", "false", "no":
+		return false
+	case "1", "true", "yes":
+		return true
+	default:
+		p.fail(name, v, "true or false")
+		return false
+	}
+}
+
+// addrList parses "host:port,host:port".
+func (p *parser) addrList(name string) []string {
+	v := strings.TrimSpace(p.getenv(name))
+	if v == "" {
+		return nil
+	}
+	var out []string
+	for a := range strings.SplitSeq(v, ",") {
+		a = strings.TrimSpace(a)
+		if _, port, err := splitHostPort(a); err != nil || port < 1 || port > 65535 {
+			p.fail(name, v, "comma-separated host:port addresses")
+			return nil
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
 func (p *parser) loopbackAddr(name string) string {
 	v := strings.TrimSpace(p.getenv(name))
 	if v == "" {
@@ -314,6 +383,9 @@ func splitHostPort(v string) (string, int, error) {
 
 // MaskURL hides the password (and user) of a URL for logs and health output.
 func MaskURL(raw string) string {
+	if !strings.Contains(raw, "://") {
+		return raw // not a URL (e.g. "cluster host:port,..."): nothing to mask
+	}
 	u, err := url.Parse(raw)
 	if err != nil {
 		return "<unparsable url>"

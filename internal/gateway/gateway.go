@@ -36,7 +36,7 @@ const readLimit = 64 << 10
 // Options configure a Gateway.
 type Options struct {
 	Environment     string
-	RedisURL        string // masked before it is shown
+	RedisAddress    string // shown by /healthz/redis; credentials are masked
 	MaxConnsPerUser int
 	MaxHandshakes   int
 	PingInterval    time.Duration

@@ -31,7 +31,7 @@ func (g *Gateway) healthz(w http.ResponseWriter, _ *http.Request) {
 func (g *Gateway) healthzRedis(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 	defer cancel()
-	url := config.MaskURL(g.opts.RedisURL)
+	url := config.MaskURL(g.opts.RedisAddress)
 	if err := g.broker.Check(ctx); err != nil {
 		writeJSON(w, http.StatusServiceUnavailable, map[string]any{
 			"service": "redis", "status": "unhealthy", "url": url, "error": err.Error(),

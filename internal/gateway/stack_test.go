@@ -76,7 +76,7 @@ func newStack(t testing.TB, mutate func(*stackConfig)) *stack {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	st.m = metrics.New()
-	b, err := broker.NewRedis(broker.RedisOptions{URL: st.redis.URL(), Prefix: "ws", ProbeInterval: cfg.probe,
+	b, err := broker.NewRedis(broker.RedisOptions{Topology: broker.Topology{URL: st.redis.URL()}, Prefix: "ws", ProbeInterval: cfg.probe,
 		ProbeTimeout: cfg.probe / 2, Logger: log, Observer: st.m})
 	if err != nil {
 		t.Fatal(err)
@@ -91,7 +91,7 @@ func newStack(t testing.TB, mutate func(*stackConfig)) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.gw.RedisURL = st.redis.URL()
+	cfg.gw.RedisAddress = st.redis.URL()
 	st.gw, err = New(cfg.gw, st.hub, b, st.auth, st.m, log)
 	if err != nil {
 		t.Fatal(err)
