@@ -14,7 +14,11 @@ import (
 	"github.com/huleedu/websocket-service/notify"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	// rueidis closes connections dropped from the cluster topology after a
+	// 5 s sleep in a goroutine of its own, which no Close waits for.
+	goleak.VerifyTestMain(m, goleak.IgnoreAnyFunction("github.com/redis/rueidis.(*clusterClient)._refresh.func2"))
+}
 
 func TestMemoryBroker(t *testing.T) {
 	brokertest.Run(t, func(t testing.TB) (broker.Broker, brokertest.Publish) {
@@ -61,6 +65,37 @@ func BenchmarkSubscribeChurn(b *testing.B) {
 			topic := "churn-" + strconv.FormatInt(n.Add(1), 10)
 			<-br.Subscribe(topic)
 			br.Unsubscribe(topic)
+		}
+	})
+}
+
+func TestRedisBrokerOnClusterClassic(t *testing.T) {
+	c := redistest.StartCluster(t, 2*time.Second)
+	brokertest.Run(t, func(t testing.TB) (broker.Broker, brokertest.Publish) {
+		b, err := broker.NewRedis(broker.RedisOptions{Topology: broker.Topology{ClusterNodes: c.Addrs()}, Prefix: "ws"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b, func(t testing.TB, topic string, payload []byte) {
+			// Classic PUBLISH on any node reaches subscribers on every node.
+			if _, err := c.Nodes[len(c.Nodes)-1].Publish(notify.Channel("ws", topic), string(payload)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+}
+
+func TestRedisBrokerOnSentinel(t *testing.T) {
+	g := redistest.StartSentinel(t)
+	brokertest.Run(t, func(t testing.TB) (broker.Broker, brokertest.Publish) {
+		b, err := broker.NewRedis(broker.RedisOptions{Topology: broker.Topology{SentinelAddrs: g.Addrs(), SentinelMaster: g.Name}, Prefix: "ws"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b, func(t testing.TB, topic string, payload []byte) {
+			if _, err := g.Master.Publish(notify.Channel("ws", topic), string(payload)); err != nil {
+				t.Fatal(err)
+			}
 		}
 	})
 }
