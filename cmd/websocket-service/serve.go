@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"os"
 	"runtime/debug"
 	"strings"
 	"time"
@@ -68,7 +69,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 	}
 	redisURL := topo.Describe()
 	b, err := broker.NewRedis(broker.RedisOptions{
-		Topology: topo, Sharded: cfg.PubSubMode == "sharded", Prefix: cfg.ChannelPrefix, ProbeInterval: cfg.ProbeInterval, ProbeTimeout: cfg.ProbeTimeout,
+		Topology: topo, Sharded: cfg.PubSubMode == "sharded", Prefix: cfg.ChannelPrefix, ClientName: clientName(), ProbeInterval: cfg.ProbeInterval, ProbeTimeout: cfg.ProbeTimeout,
 		RESP2: resp2, Logger: log.With("component", "broker"), Observer: m,
 	})
 	if err != nil {
@@ -144,6 +145,12 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 	}
 	log.Info("shutdown complete")
 	return nil
+}
+
+// clientName names this instance's Redis connections (CLIENT LIST).
+func clientName() string {
+	host, _ := os.Hostname()
+	return fmt.Sprintf("websocket-service:%s:%d", host, os.Getpid())
 }
 
 // topology turns the Redis settings into the broker's Topology.

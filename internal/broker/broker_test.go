@@ -17,7 +17,8 @@ import (
 func TestMain(m *testing.M) {
 	// rueidis closes connections dropped from the cluster topology after a
 	// 5 s sleep in a goroutine of its own, which no Close waits for.
-	goleak.VerifyTestMain(m, goleak.IgnoreAnyFunction("github.com/redis/rueidis.(*clusterClient)._refresh.func2"))
+	goleak.VerifyTestMain(m, goleak.IgnoreAnyFunction("github.com/redis/rueidis.(*clusterClient)._refresh.func2"),
+		goleak.IgnoreAnyFunction("github.com/redis/rueidis.(*call).DelayDo.func1"))
 }
 
 func TestMemoryBroker(t *testing.T) {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
@@ -27,6 +28,7 @@ type RedisOptions struct {
 	ProbeTimeout  time.Duration // a probe not back by then breaks the link
 	RESP2         bool          // for Redis-protocol servers without RESP3 (miniredis)
 	Sharded       bool          // SSUBSCRIBE on each channel's slot owner (REDIS_PUBSUB_MODE=sharded)
+	ClientName    string        // CLIENT SETNAME of every connection, so operators can attribute them
 	Logger        *slog.Logger
 	Observer      Observer // may be nil
 }
@@ -90,6 +92,7 @@ func NewRedis(opts RedisOptions) (*RedisBroker, error) {
 		return nil, err
 	}
 	co.AlwaysRESP2 = opts.RESP2
+	co.ClientName = opts.ClientName
 	co.BlockingPoolSize = 1 // the dedicated pub/sub connection
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -274,7 +277,9 @@ func (r *RedisBroker) stopping() bool {
 func (r *RedisBroker) connected(onUp func()) error {
 	c := r.client.Load()
 	if c == nil {
-		nc, err := rueidis.NewClient(r.clientOpt)
+		opt := r.clientOpt
+		opt.InitAddress = slices.Clone(opt.InitAddress) // rueidis shuffles it in place
+		nc, err := rueidis.NewClient(opt)
 		if err != nil {
 			return err
 		}

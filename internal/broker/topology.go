@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -40,13 +41,13 @@ func (t Topology) ClientOption() (rueidis.ClientOption, error) {
 	var co rueidis.ClientOption
 	switch {
 	case len(t.ClusterNodes) > 0:
-		co.InitAddress = t.ClusterNodes
+		co.InitAddress = slices.Clone(t.ClusterNodes) // rueidis shuffles it in place
 		co.ShuffleInit = true
 	case len(t.SentinelAddrs) > 0:
 		if t.SentinelMaster == "" {
 			return co, errors.New("broker: sentinel master name is empty")
 		}
-		co.InitAddress = t.SentinelAddrs
+		co.InitAddress = slices.Clone(t.SentinelAddrs)
 		co.Sentinel = rueidis.SentinelOption{MasterSet: t.SentinelMaster}
 	case t.URL != "":
 		var err error

@@ -28,6 +28,10 @@ func TestMain(m *testing.M) {
 	RouteEngineLogs(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	goleak.VerifyTestMain(m,
 		goleak.IgnoreTopFunction("github.com/lesismal/nbio/taskpool.New.func3"),
+		// rueidis delays a cluster topology refresh and the close of dropped
+		// connections in goroutines of its own that no Close waits for.
+		goleak.IgnoreAnyFunction("github.com/redis/rueidis.(*clusterClient)._refresh.func2"),
+		goleak.IgnoreAnyFunction("github.com/redis/rueidis.(*call).DelayDo.func1"),
 		goleak.IgnoreAnyFunction("github.com/lesismal/nbio/timer.(*Timer).Start.func1"),
 	)
 }
@@ -53,6 +57,9 @@ type stackConfig struct {
 	redisArgs []string
 	probe     time.Duration
 	redis     *redistest.Server // reuse instead of starting one
+	topology  *broker.Topology  // cluster or Sentinel instead of a standalone server
+	name      string            // Redis client name of this instance
+	sharded   bool
 }
 
 func defaultOptions() Options {
@@ -71,12 +78,18 @@ func newStack(t testing.TB, mutate func(*stackConfig)) *stack {
 	}
 	cfg.hub.MaxConnsPerUser = cfg.gw.MaxConnsPerUser
 	st := &stack{t: t, redis: cfg.redis}
-	if st.redis == nil {
-		st.redis = redistest.Start(t, cfg.redisArgs...)
+	topo := broker.Topology{}
+	if cfg.topology != nil {
+		topo = *cfg.topology
+	} else {
+		if st.redis == nil {
+			st.redis = redistest.Start(t, cfg.redisArgs...)
+		}
+		topo.URL = st.redis.URL()
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	st.m = metrics.New()
-	b, err := broker.NewRedis(broker.RedisOptions{Topology: broker.Topology{URL: st.redis.URL()}, Prefix: "ws", ProbeInterval: cfg.probe,
+	b, err := broker.NewRedis(broker.RedisOptions{Topology: topo, Sharded: cfg.sharded, ClientName: cfg.name, Prefix: "ws", ProbeInterval: cfg.probe,
 		ProbeTimeout: cfg.probe / 2, Logger: log, Observer: st.m})
 	if err != nil {
 		t.Fatal(err)
@@ -91,7 +104,7 @@ func newStack(t testing.TB, mutate func(*stackConfig)) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.gw.RedisAddress = st.redis.URL()
+	cfg.gw.RedisAddress = topo.Describe()
 	st.gw, err = New(cfg.gw, st.hub, b, st.auth, st.m, log)
 	if err != nil {
 		t.Fatal(err)

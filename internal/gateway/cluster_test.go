@@ -1,0 +1,241 @@
+package gateway
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/huleedu/websocket-service/internal/broker"
+	"github.com/huleedu/websocket-service/internal/redistest"
+)
+
+// clusterPublisher publishes through a cluster-aware client.
+func clusterPublisher(t *testing.T, seeds []string, sentinelMaster string) rueidis.Client {
+	opt := rueidis.ClientOption{InitAddress: seeds, DisableCache: true}
+	if sentinelMaster != "" {
+		opt.Sentinel = rueidis.SentinelOption{MasterSet: sentinelMaster}
+	}
+	c, err := rueidis.NewClient(opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+func publishCmd(c rueidis.Client, sharded bool, user, payload string) rueidis.Completed {
+	if sharded {
+		return c.B().Spublish().Channel("ws:" + user).Message(payload).Build()
+	}
+	return c.B().Publish().Channel("ws:" + user).Message(payload).Build()
+}
+
+// connectionsPerNode counts, on every live node, the connections named name.
+func connectionsPerNode(t *testing.T, nodes []*redistest.Server, name string) map[string]int {
+	out := map[string]int{}
+	for _, n := range nodes {
+		if !n.Alive() {
+			continue
+		}
+		list, err := n.Do("CLIENT", "LIST")
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[n.Addr()] = strings.Count(list, " name="+name+" ")
+	}
+	return out
+}
+
+func TestThreeInstancesOnCluster(t *testing.T) {
+	c := redistest.StartCluster(t, 2*time.Second)
+	for _, sharded := range []bool{false, true} {
+		t.Run(map[bool]string{false: "classic", true: "sharded"}[sharded], func(t *testing.T) {
+			if sharded && testing.Short() {
+				t.Skip("short")
+			}
+			const users = 3000
+			prefix := fmt.Sprintf("m%v-", sharded)
+			var stacks []*stack
+			for i := range 3 {
+				stacks = append(stacks, newStack(t, func(sc *stackConfig) {
+					sc.topology = &broker.Topology{ClusterNodes: c.Addrs()}
+					sc.sharded = sharded
+					sc.name = fmt.Sprintf("gw%d-%v", i, sharded)
+				}))
+			}
+			type conn struct {
+				user string
+				c    *client
+			}
+			var conns []conn
+			var mu sync.Mutex
+			var wg sync.WaitGroup
+			sem := make(chan struct{}, 64)
+			for i := range users {
+				user := prefix + fmt.Sprint(i)
+				targets := []int{i % 3}
+				if i%10 == 0 { // some users on two instances
+					targets = append(targets, (i+1)%3)
+				}
+				for _, inst := range targets {
+					sem <- struct{}{}
+					wg.Go(func() {
+						defer func() { <-sem }()
+						cl := stacks[inst].dial(user)
+						mu.Lock()
+						conns = append(conns, conn{user, cl})
+						mu.Unlock()
+					})
+				}
+			}
+			wg.Wait()
+			pub := clusterPublisher(t, c.Addrs(), "")
+			cmds := make(rueidis.Commands, 0, 2*users)
+			for i := range users {
+				cmds = append(cmds, publishCmd(pub, sharded, prefix+fmt.Sprint(i), fmt.Sprintf(`{"u":"%s%d"}`, prefix, i)))
+			}
+			for i := range users { // a second message: a duplicate of the first would arrive before it
+				cmds = append(cmds, publishCmd(pub, sharded, prefix+fmt.Sprint(i), `{"end":true}`))
+			}
+			for i, res := range pub.DoMulti(context.Background(), cmds...) {
+				if err := res.Error(); err != nil {
+					t.Fatalf("publish %d: %v", i, err)
+				}
+			}
+			for _, cn := range conns {
+				if got := cn.c.mustNext(); got != fmt.Sprintf(`{"u":"%s"}`, cn.user) {
+					t.Fatalf("%s got %s", cn.user, got)
+				}
+				if got := cn.c.mustNext(); got != `{"end":true}` {
+					t.Fatalf("%s got %s, want the end marker (duplicate?)", cn.user, got)
+				}
+			}
+			// A user with no connection anywhere: no instance is subscribed.
+			if !sharded {
+				if n, err := pub.Do(context.Background(), pub.B().Publish().Channel("ws:nobody").Message("{}").Build()).AsInt64(); err != nil || n != 0 {
+					t.Fatalf("PUBLISH to a user with no connection reached %d instances (%v)", n, err)
+				}
+			}
+			for i := range 3 {
+				name := fmt.Sprintf("gw%d-%v", i, sharded)
+				for node, n := range connectionsPerNode(t, c.Nodes, name) {
+					if n > 2 {
+						t.Fatalf("instance %s holds %d connections to %s, want <= 2", name, n, node)
+					}
+				}
+			}
+			t.Logf("%d connections over 3 instances, %d users: each message delivered exactly once", len(conns), users)
+		})
+	}
+}
+
+// deliveryGap publishes a fresh message to user every 20 ms from start until
+// r has one, and returns how long after start deliveries resumed.
+func deliveryGap(t *testing.T, pub rueidis.Client, sharded bool, user string, r *reader, start time.Time) time.Duration {
+	t.Helper()
+	for i := 0; ; i++ {
+		marker := fmt.Sprintf(`{"gap":%d}`, i)
+		pub.Do(context.Background(), publishCmd(pub, sharded, user, marker))
+		deadline := time.Now().Add(20 * time.Millisecond)
+		for time.Now().Before(deadline) {
+			if r.count(`"gap"`) > 0 {
+				return time.Since(start)
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+		if time.Since(start) > 60*time.Second {
+			t.Fatalf("no delivery within 60 s of the failure")
+		}
+	}
+}
+
+// subscriberNode finds the node holding name's pub/sub connection.
+func subscriberNode(t *testing.T, nodes []*redistest.Server, name string) *redistest.Server {
+	for _, n := range nodes {
+		if !n.Alive() {
+			continue
+		}
+		list, _ := n.Do("CLIENT", "LIST")
+		for line := range strings.SplitSeq(list, "\n") {
+			if strings.Contains(line, " name="+name+" ") && (strings.Contains(line, " sub=1") || strings.Contains(line, "flags=P")) {
+				return n
+			}
+		}
+	}
+	t.Fatal("no node holds the pub/sub connection")
+	return nil
+}
+
+func TestClusterFailoverClassic(t *testing.T) {
+	c := redistest.StartCluster(t, 2*time.Second)
+	st := newStack(t, func(sc *stackConfig) {
+		sc.topology = &broker.Topology{ClusterNodes: c.Addrs()}
+		sc.name = "failover"
+		sc.probe = time.Second
+	})
+	readers := make([]*reader, 50)
+	for i := range readers {
+		readers[i] = st.dial(fmt.Sprintf("f%d", i)).readAll()
+	}
+	victim := subscriberNode(t, c.Nodes, "failover")
+	start := time.Now()
+	victim.Kill()
+	for i, r := range readers {
+		eventually(t, 30*time.Second, fmt.Sprintf("client %d degraded", i), func() bool { return r.count("connection.degraded") == 1 })
+	}
+	for i, r := range readers {
+		eventually(t, 60*time.Second, fmt.Sprintf("client %d restored", i), func() bool { return r.count("connection.restored") == 1 })
+	}
+	pub := clusterPublisher(t, c.Addrs(), "")
+	gap := deliveryGap(t, pub, false, "f0", readers[0], start)
+	for i, r := range readers {
+		// The publisher's own route may still point at the dead master until
+		// the cluster has promoted its replica: retry the publish, not the read.
+		eventually(t, 30*time.Second, "publish accepted", func() bool {
+			return pub.Do(context.Background(), publishCmd(pub, false, fmt.Sprintf("f%d", i), `{"after":1}`)).Error() == nil
+		})
+		eventually(t, 10*time.Second, "delivery after failover", func() bool { return r.count(`"after"`) == 1 })
+		if r.err() != nil {
+			t.Fatalf("client %d closed: %v", i, r.err())
+		}
+	}
+	t.Logf("cluster (classic) failover: delivery gap %s from SIGKILL of the subscribed node", gap.Round(time.Millisecond))
+}
+
+func TestSentinelFailover(t *testing.T) {
+	g := redistest.StartSentinel(t)
+	st := newStack(t, func(sc *stackConfig) {
+		sc.topology = &broker.Topology{SentinelAddrs: g.Addrs(), SentinelMaster: g.Name}
+		sc.probe = time.Second
+	})
+	readers := make([]*reader, 50)
+	for i := range readers {
+		readers[i] = st.dial(fmt.Sprintf("s%d", i)).readAll()
+	}
+	start := time.Now()
+	g.Master.Kill()
+	for i, r := range readers {
+		eventually(t, 30*time.Second, fmt.Sprintf("client %d degraded", i), func() bool { return r.count("connection.degraded") == 1 })
+	}
+	for i, r := range readers {
+		eventually(t, 60*time.Second, fmt.Sprintf("client %d restored", i), func() bool { return r.count("connection.restored") == 1 })
+	}
+	if addr, _ := g.CurrentMaster(); addr != g.Replica.Addr() {
+		t.Fatalf("sentinel master is %s, want the promoted replica %s", addr, g.Replica.Addr())
+	}
+	pub := clusterPublisher(t, g.Addrs(), g.Name)
+	gap := deliveryGap(t, pub, false, "s0", readers[0], start)
+	for i, r := range readers {
+		pub.Do(context.Background(), publishCmd(pub, false, fmt.Sprintf("s%d", i), `{"after":1}`))
+		eventually(t, 10*time.Second, "delivery after failover", func() bool { return r.count(`"after"`) == 1 })
+		if r.err() != nil {
+			t.Fatalf("client %d closed: %v", i, r.err())
+		}
+	}
+	t.Logf("sentinel failover: delivery gap %s from SIGKILL of the master", gap.Round(time.Millisecond))
+}
