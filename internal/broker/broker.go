@@ -22,12 +22,12 @@ type Handler interface {
 	// HandleMessage delivers one payload published on topic. The slice is
 	// owned by the handler.
 	HandleMessage(topic string, payload []byte)
-	// HandleLinkDown reports that the link broke: messages may be missed
-	// until HandleLinkUp.
-	HandleLinkDown()
-	// HandleLinkUp reports that the link is up and every wanted topic is
-	// subscribed again.
-	HandleLinkUp()
+	// HandleLinkDown reports that the link carrying topics broke (nil: every
+	// topic): their messages may be missed until HandleLinkUp.
+	HandleLinkDown(topics []string)
+	// HandleLinkUp reports that the link carrying topics (nil: every topic)
+	// is up and each of them is subscribed again.
+	HandleLinkUp(topics []string)
 }
 
 // Broker delivers messages for the topics it is asked to subscribe.
@@ -37,8 +37,9 @@ type Broker interface {
 	// Subscribe records interest in topic and returns a channel that is
 	// closed once the subscription is confirmed (everything published after
 	// that is delivered) or once the link is known to be down (the topic is
-	// then subscribed on recovery). Calls are idempotent per topic.
-	Subscribe(topic string) <-chan struct{}
+	// then subscribed on recovery). down reports that the topic's link is
+	// down right now. Calls are idempotent per topic.
+	Subscribe(topic string) (ready <-chan struct{}, down bool)
 	// Unsubscribe drops interest in topic. It never blocks on the network.
 	Unsubscribe(topic string)
 	// Check reports whether the broker can reach its backend now.

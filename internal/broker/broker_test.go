@@ -64,7 +64,8 @@ func BenchmarkSubscribeChurn(b *testing.B) {
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			topic := "churn-" + strconv.FormatInt(n.Add(1), 10)
-			<-br.Subscribe(topic)
+			ready, _ := br.Subscribe(topic)
+			<-ready
 			br.Unsubscribe(topic)
 		}
 	})

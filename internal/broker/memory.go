@@ -25,16 +25,16 @@ func (m *MemoryBroker) Start(h Handler) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.handler = h
-	h.HandleLinkUp()
+	h.HandleLinkUp(nil)
 	return nil
 }
 
 // Subscribe implements Broker; memory subscriptions are confirmed at once.
-func (m *MemoryBroker) Subscribe(topic string) <-chan struct{} {
+func (m *MemoryBroker) Subscribe(topic string) (<-chan struct{}, bool) {
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	m.topics[topic] = struct{}{}
-	m.mu.Unlock()
-	return closedChan
+	return closedChan, m.down
 }
 
 // Unsubscribe implements Broker.
@@ -87,9 +87,9 @@ func (m *MemoryBroker) SetDown(down bool) {
 	}
 	m.down = down
 	if down {
-		m.handler.HandleLinkDown()
+		m.handler.HandleLinkDown(nil)
 	} else {
-		m.handler.HandleLinkUp()
+		m.handler.HandleLinkUp(nil)
 	}
 }
 

@@ -7,8 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"slices"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -134,7 +134,7 @@ func (r *RedisBroker) Start(h Handler) error {
 }
 
 // Subscribe implements Broker.
-func (r *RedisBroker) Subscribe(topic string) <-chan struct{} {
+func (r *RedisBroker) Subscribe(topic string) (<-chan struct{}, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	st := r.topics[topic]
@@ -144,13 +144,13 @@ func (r *RedisBroker) Subscribe(topic string) <-chan struct{} {
 	}
 	st.wanted = true
 	if st.active || !r.up || r.closed {
-		return closedChan
+		return closedChan, !r.up
 	}
 	if st.ready == nil {
 		st.ready = make(chan struct{})
 	}
 	r.markDirty(topic)
-	return st.ready
+	return st.ready, false
 }
 
 // Unsubscribe implements Broker.
@@ -321,7 +321,7 @@ func (r *RedisBroker) connected(onUp func()) error {
 		r.obs.LinkUp(true)
 	}
 	r.log.Info("redis pub/sub link up", "resubscribed", len(all))
-	r.handler.HandleLinkUp()
+	r.handler.HandleLinkUp(nil)
 
 	r.lastRecv.Store(time.Now().UnixNano())
 	tick := time.NewTicker(min(r.opts.ProbeInterval, r.opts.ProbeTimeout, 2*time.Second) / 2)
@@ -474,7 +474,7 @@ func (r *RedisBroker) markDown(err error) {
 		if r.obs != nil {
 			r.obs.LinkUp(false)
 		}
-		r.handler.HandleLinkDown()
+		r.handler.HandleLinkDown(nil)
 	} else {
 		r.log.Debug("redis pub/sub connect failed", "error", err)
 	}

@@ -34,12 +34,12 @@ type Config struct {
 	Host string // WEBSOCKET_HOST
 	Port int    // WEBSOCKET_PORT
 
-	JWTSecret       []byte // JWT_SECRET_KEY
-	JWTSecretIsDev  bool   // true when JWT_SECRET_KEY was unset and DevJWTSecret is used
-	JWTAlgorithm    string // JWT_ALGORITHM
-	JWTAudience     string // JWT_AUDIENCE
-	JWTIssuer       string // JWT_ISSUER
-	RedisURL        string // REDIS_URL ("" in development: probe 127.0.0.1:6379, else embedded)
+	JWTSecret       []byte   // JWT_SECRET_KEY
+	JWTSecretIsDev  bool     // true when JWT_SECRET_KEY was unset and DevJWTSecret is used
+	JWTAlgorithm    string   // JWT_ALGORITHM
+	JWTAudience     string   // JWT_AUDIENCE
+	JWTIssuer       string   // JWT_ISSUER
+	RedisURL        string   // REDIS_URL ("" in development: probe 127.0.0.1:6379, else embedded)
 	ClusterNodes    []string // REDIS_CLUSTER_NODES: seed host:port list
 	SentinelAddrs   []string // REDIS_SENTINEL_ADDRS
 	SentinelMaster  string   // REDIS_SENTINEL_MASTER
@@ -47,7 +47,7 @@ type Config struct {
 	RedisPassword   string   // REDIS_PASSWORD
 	RedisTLS        bool     // REDIS_TLS
 	PubSubMode      string   // REDIS_PUBSUB_MODE: classic or sharded
-	ChannelPrefix   string // REDIS_CHANNEL_PREFIX
+	ChannelPrefix   string   // REDIS_CHANNEL_PREFIX
 	ProbeInterval   time.Duration
 	ProbeTimeout    time.Duration
 	MaxConnsPerUser int // WEBSOCKET_MAX_CONNECTIONS_PER_USER

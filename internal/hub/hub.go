@@ -117,8 +117,8 @@ func (h *Hub) Add(ctx context.Context, user string, c Conn) error {
 	s.users[user] = append(conns, c)
 	// The broker records interest under the shard lock, so a concurrent
 	// Remove of the user's last connection cannot reorder with it.
-	ready := h.broker.Subscribe(user)
-	if !h.up.Load() {
+	ready, down := h.broker.Subscribe(user)
+	if down || !h.up.Load() {
 		c.LinkState(false)
 	}
 	s.mu.Unlock()
@@ -194,18 +194,32 @@ func (h *Hub) HandleMessage(user string, payload []byte) {
 }
 
 // HandleLinkDown implements broker.Handler.
-func (h *Hub) HandleLinkDown() { h.setLink(false) }
+func (h *Hub) HandleLinkDown(users []string) { h.setLink(false, users) }
 
 // HandleLinkUp implements broker.Handler.
-func (h *Hub) HandleLinkUp() {
-	h.setLink(true)
-	h.firstUpOnce.Do(func() { close(h.firstUp) })
+func (h *Hub) HandleLinkUp(users []string) {
+	h.setLink(true, users)
+	if users == nil {
+		h.firstUpOnce.Do(func() { close(h.firstUp) })
+	}
 }
 
 // FirstLinkUp is closed once the broker link has been up for the first time.
 func (h *Hub) FirstLinkUp() <-chan struct{} { return h.firstUp }
 
-func (h *Hub) setLink(up bool) {
+// setLink tells the connections of users (nil: everyone) the link state.
+func (h *Hub) setLink(up bool, users []string) {
+	if users != nil {
+		for _, u := range users {
+			s := h.shard(u)
+			s.mu.RLock()
+			for _, c := range s.users[u] {
+				c.LinkState(up)
+			}
+			s.mu.RUnlock()
+		}
+		return
+	}
 	h.up.Store(up)
 	for i := range h.shards {
 		s := &h.shards[i]

@@ -35,8 +35,8 @@ func NewRecorder() *Recorder { return &Recorder{Events: make(chan Event, 100000)
 func (r *Recorder) HandleMessage(topic string, payload []byte) {
 	r.Events <- Event{Topic: topic, Payload: string(payload)}
 }
-func (r *Recorder) HandleLinkDown() { r.Events <- Event{Link: "down"} }
-func (r *Recorder) HandleLinkUp()   { r.Events <- Event{Link: "up"} }
+func (r *Recorder) HandleLinkDown([]string) { r.Events <- Event{Link: "down"} }
+func (r *Recorder) HandleLinkUp([]string)   { r.Events <- Event{Link: "up"} }
 
 // Next returns the next message event, skipping link events; it fails the
 // test after timeout.
@@ -72,13 +72,23 @@ func (r *Recorder) WaitLink(t testing.TB, state string, timeout time.Duration) {
 	}
 }
 
-func waitReady(t testing.TB, ch <-chan struct{}) {
+func waitReady(t testing.TB, ch <-chan struct{}, down bool) {
 	t.Helper()
+	if down {
+		t.Fatal("Subscribe reports the link down")
+	}
 	select {
 	case <-ch:
 	case <-time.After(10 * time.Second):
 		t.Fatal("subscription not confirmed within 10s")
 	}
+}
+
+// waitReady2 subscribes topic and waits for the confirmation.
+func waitReady2(t testing.TB, b broker.Broker, topic string) {
+	t.Helper()
+	ch, down := b.Subscribe(topic)
+	waitReady(t, ch, down)
 }
 
 func start(t *testing.T, f Factory) (broker.Broker, Publish, *Recorder) {
@@ -96,7 +106,7 @@ func start(t *testing.T, f Factory) (broker.Broker, Publish, *Recorder) {
 func Run(t *testing.T, f Factory) {
 	t.Run("DeliversSubscribedTopicVerbatim", func(t *testing.T) {
 		b, pub, rec := start(t, f)
-		waitReady(t, b.Subscribe("alice"))
+		waitReady2(t, b, ("alice"))
 		pub(t, "alice", []byte(`{"event":"x","data":{"n":1}}`))
 		if e := rec.Next(t, 5*time.Second); e.Topic != "alice" || e.Payload != `{"event":"x","data":{"n":1}}` {
 			t.Fatalf("got %+v", e)
@@ -104,11 +114,11 @@ func Run(t *testing.T, f Factory) {
 	})
 	t.Run("IgnoresOtherTopicsAndUnsubscribed", func(t *testing.T) {
 		b, pub, rec := start(t, f)
-		waitReady(t, b.Subscribe("a"))
-		waitReady(t, b.Subscribe("gone"))
+		waitReady2(t, b, ("a"))
+		waitReady2(t, b, ("gone"))
 		b.Unsubscribe("gone")
 		// A later subscription's confirmation orders after the unsubscribe.
-		waitReady(t, b.Subscribe("marker"))
+		waitReady2(t, b, ("marker"))
 		pub(t, "other", []byte(`1`))
 		pub(t, "gone", []byte(`2`))
 		pub(t, "a", []byte(`3`))
@@ -118,7 +128,7 @@ func Run(t *testing.T, f Factory) {
 	})
 	t.Run("KeepsOrder", func(t *testing.T) {
 		b, pub, rec := start(t, f)
-		waitReady(t, b.Subscribe("o"))
+		waitReady2(t, b, ("o"))
 		for i := range 200 {
 			pub(t, "o", fmt.Appendf(nil, "%d", i))
 		}
@@ -132,7 +142,7 @@ func Run(t *testing.T, f Factory) {
 		b, pub, rec := start(t, f)
 		var wg sync.WaitGroup
 		for i := range 1000 {
-			wg.Go(func() { waitReady(t, b.Subscribe(fmt.Sprintf("u%d", i))) })
+			wg.Go(func() { waitReady2(t, b, (fmt.Sprintf("u%d", i))) })
 		}
 		wg.Wait()
 		for i := range 1000 {
@@ -148,9 +158,9 @@ func Run(t *testing.T, f Factory) {
 	})
 	t.Run("ResubscribeAfterUnsubscribe", func(t *testing.T) {
 		b, pub, rec := start(t, f)
-		waitReady(t, b.Subscribe("r"))
+		waitReady2(t, b, ("r"))
 		b.Unsubscribe("r")
-		waitReady(t, b.Subscribe("r"))
+		waitReady2(t, b, ("r"))
 		pub(t, "r", []byte(`"again"`))
 		if e := rec.Next(t, 5*time.Second); e.Payload != `"again"` {
 			t.Fatalf("got %+v", e)
