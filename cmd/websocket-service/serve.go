@@ -68,10 +68,16 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 		topo.URL = url
 	}
 	redisURL := topo.Describe()
-	b, err := broker.NewRedis(broker.RedisOptions{
-		Topology: topo, Sharded: cfg.PubSubMode == "sharded", Prefix: cfg.ChannelPrefix, ClientName: clientName(), ProbeInterval: cfg.ProbeInterval, ProbeTimeout: cfg.ProbeTimeout,
-		RESP2: resp2, Logger: log.With("component", "broker"), Observer: m,
-	})
+	ropts := broker.RedisOptions{
+		Topology: topo, Prefix: cfg.ChannelPrefix, ClientName: clientName(), ProbeInterval: cfg.ProbeInterval,
+		ProbeTimeout: cfg.ProbeTimeout, RESP2: resp2, Logger: log.With("component", "broker"), Observer: m,
+	}
+	var b broker.Broker
+	if cfg.PubSubMode == "sharded" {
+		b, err = broker.NewShardedRedis(ropts)
+	} else {
+		b, err = broker.NewRedis(ropts)
+	}
 	if err != nil {
 		return err
 	}

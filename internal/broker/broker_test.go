@@ -101,3 +101,53 @@ func TestRedisBrokerOnSentinel(t *testing.T) {
 		}
 	})
 }
+
+func TestSlotMatchesRedis(t *testing.T) {
+	c := redistest.StartCluster(t, 2*time.Second)
+	for _, key := range []string{"ws:alice", "ws:user-123", "{user}:x", "a{}b", "foo{bar}{zap}", "", "123456789"} {
+		want, err := c.KeySlot(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := broker.Slot(key); got != want {
+			t.Errorf("Slot(%q) = %d, Redis says %d", key, got, want)
+		}
+	}
+}
+
+func TestShardedBrokerStandalone(t *testing.T) {
+	srv := redistest.Start(t)
+	brokertest.Run(t, func(t testing.TB) (broker.Broker, brokertest.Publish) {
+		b, err := broker.NewShardedRedis(broker.RedisOptions{Topology: broker.Topology{URL: srv.URL()}, Prefix: "ws"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b, func(t testing.TB, topic string, payload []byte) {
+			if _, err := srv.Do("SPUBLISH", notify.Channel("ws", topic), string(payload)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+}
+
+func TestShardedBrokerOnCluster(t *testing.T) {
+	c := redistest.StartCluster(t, 2*time.Second)
+	pub := func(t testing.TB, topic string, payload []byte) {
+		ch := notify.Channel("ws", topic)
+		slot, _ := c.KeySlot(ch)
+		owner, err := c.MasterOf(slot)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := owner.Do("SPUBLISH", ch, string(payload)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	brokertest.Run(t, func(t testing.TB) (broker.Broker, brokertest.Publish) {
+		b, err := broker.NewShardedRedis(broker.RedisOptions{Topology: broker.Topology{ClusterNodes: c.Addrs()}, Prefix: "ws"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b, pub
+	})
+}

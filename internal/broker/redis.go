@@ -27,7 +27,6 @@ type RedisOptions struct {
 	ProbeInterval time.Duration // quiet time before the link is probed
 	ProbeTimeout  time.Duration // a probe not back by then breaks the link
 	RESP2         bool          // for Redis-protocol servers without RESP3 (miniredis)
-	Sharded       bool          // SSUBSCRIBE on each channel's slot owner (REDIS_PUBSUB_MODE=sharded)
 	ClientName    string        // CLIENT SETNAME of every connection, so operators can attribute them
 	Logger        *slog.Logger
 	Observer      Observer // may be nil
@@ -103,14 +102,12 @@ func NewRedis(opts RedisOptions) (*RedisBroker, error) {
 	if opts.ProbeTimeout <= 0 {
 		opts.ProbeTimeout = 3 * time.Second
 	}
-	id := make([]byte, 8)
-	_, _ = crand.Read(id)
 	return &RedisBroker{
 		opts:      opts,
 		clientOpt: co,
 		log:       opts.Logger,
 		obs:       opts.Observer,
-		probeCh:   "__wsgw_probe__:" + hex.EncodeToString(id),
+		probeCh:   "__wsgw_probe__:" + randomID(),
 		topics:    map[string]*topicState{},
 		dirty:     map[string]struct{}{},
 		kick:      make(chan struct{}, 1),
@@ -532,4 +529,11 @@ func firstErr(results []rueidis.RedisResult) error {
 		}
 	}
 	return nil
+}
+
+// randomID names this instance's probe channels.
+func randomID() string {
+	id := make([]byte, 8)
+	_, _ = crand.Read(id)
+	return hex.EncodeToString(id)
 }

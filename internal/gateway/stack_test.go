@@ -89,8 +89,15 @@ func newStack(t testing.TB, mutate func(*stackConfig)) *stack {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	st.m = metrics.New()
-	b, err := broker.NewRedis(broker.RedisOptions{Topology: topo, Sharded: cfg.sharded, ClientName: cfg.name, Prefix: "ws", ProbeInterval: cfg.probe,
-		ProbeTimeout: cfg.probe / 2, Logger: log, Observer: st.m})
+	ropts := broker.RedisOptions{Topology: topo, ClientName: cfg.name, Prefix: "ws", ProbeInterval: cfg.probe,
+		ProbeTimeout: cfg.probe / 2, Logger: log, Observer: st.m}
+	var b broker.Broker
+	var err error
+	if cfg.sharded {
+		b, err = broker.NewShardedRedis(ropts)
+	} else {
+		b, err = broker.NewRedis(ropts)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,666 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/rueidis"
+
+	"github.com/huleedu/websocket-service/notify"
+)
+
+var _ Broker = (*ShardedRedisBroker)(nil)
+
+// standaloneNode is the node key when Redis is not a cluster.
+const standaloneNode = "standalone"
+
+// ShardedRedisBroker subscribes with SSUBSCRIBE, each channel on the master
+// that owns its hash slot (REDIS_PUBSUB_MODE=sharded): one dedicated pub/sub
+// connection per master, whatever the number of channels. Its loop owns the
+// links: it follows slot moves (MOVED, sunsubscribe pushes, topology
+// refresh) and node failover, reports link state per node, and probes each
+// link with an SPUBLISH to a channel of its own on that node.
+type ShardedRedisBroker struct {
+	opts      RedisOptions
+	clientOpt rueidis.ClientOption
+	log       *slog.Logger
+	obs       Observer
+	probeBase string
+
+	client rueidis.Client // owned by the loop; nil until the first connect
+
+	mu       sync.Mutex
+	topics   map[string]*shardTopic
+	dirty    map[string]struct{}
+	owner    []string // slot → node address; nil until the first refresh
+	links    map[string]*shardLink
+	allUp    bool
+	closed   bool
+	lastErr  error
+	handler  Handler
+	nodes    []string    // masters serving slots, from the last refresh
+	stale    atomic.Bool // topology must be refreshed
+		kick     chan struct{}
+	events   chan linkEvent
+	stop     chan struct{}
+	done     chan struct{}
+	wg       sync.WaitGroup
+	nextGen  uint64
+	everUp   bool
+	downFrom time.Time
+}
+
+type shardTopic struct {
+	wanted bool
+	node   string // node the topic is active on ("" = not active)
+	ready  chan struct{}
+}
+
+type shardLink struct {
+	node      string
+	gen       uint64
+	dc        rueidis.DedicatedClient
+	cancel    func()
+	up        bool
+	attempt   int
+	retryAt   time.Time
+	probeCh   string
+	deadline  time.Time // probe outstanding until then
+	lastRecv  atomic.Int64
+	probeBack atomic.Bool
+}
+
+type linkEvent struct {
+	node string
+	gen  uint64
+	err  error
+}
+
+// NewShardedRedis parses the options; Start connects.
+func NewShardedRedis(opts RedisOptions) (*ShardedRedisBroker, error) {
+	co, err := opts.Topology.ClientOption()
+	if err != nil {
+		return nil, err
+	}
+	co.AlwaysRESP2 = opts.RESP2
+	co.ClientName = opts.ClientName
+	co.BlockingPoolSize = 1
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.ProbeInterval <= 0 {
+		opts.ProbeInterval = 5 * time.Second
+	}
+	if opts.ProbeTimeout <= 0 {
+		opts.ProbeTimeout = 3 * time.Second
+	}
+	return &ShardedRedisBroker{
+		opts: opts, clientOpt: co, log: opts.Logger, obs: opts.Observer,
+		probeBase: "__wsgw_probe__:" + randomID(),
+		topics:    map[string]*shardTopic{}, dirty: map[string]struct{}{}, links: map[string]*shardLink{},
+		kick: make(chan struct{}, 1), events: make(chan linkEvent, 16),
+		stop: make(chan struct{}), done: make(chan struct{}),
+	}, nil
+}
+
+// Start implements Broker.
+func (r *ShardedRedisBroker) Start(h Handler) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.handler != nil {
+		return errors.New("broker: already started")
+	}
+	r.handler = h
+	go r.run()
+	return nil
+}
+
+// nodeOf returns the node serving topic's channel; r.mu is held.
+func (r *ShardedRedisBroker) nodeOf(topic string) string {
+	if r.owner == nil {
+		return ""
+	}
+	return r.owner[Slot(notify.Channel(r.opts.Prefix, topic))]
+}
+
+// Subscribe implements Broker.
+func (r *ShardedRedisBroker) Subscribe(topic string) (<-chan struct{}, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := r.topics[topic]
+	if st == nil {
+		st = &shardTopic{}
+		r.topics[topic] = st
+	}
+	st.wanted = true
+	if st.node != "" || r.closed {
+		return closedChan, false
+	}
+	l := r.links[r.nodeOf(topic)]
+	if l == nil || !l.up {
+		return closedChan, true // subscribed when the node's link comes up
+	}
+	if st.ready == nil {
+		st.ready = make(chan struct{})
+	}
+	r.markDirty(topic)
+	return st.ready, false
+}
+
+// Unsubscribe implements Broker.
+func (r *ShardedRedisBroker) Unsubscribe(topic string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if st := r.topics[topic]; st != nil {
+		st.wanted = false
+		r.markDirty(topic)
+	}
+}
+
+func (r *ShardedRedisBroker) markDirty(topic string) {
+	r.dirty[topic] = struct{}{}
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Check implements Broker: an error unless every node's link is up.
+func (r *ShardedRedisBroker) Check(ctx context.Context) error {
+	r.mu.Lock()
+	allUp, lastErr, client := r.allUp, r.lastErr, r.client
+	r.mu.Unlock()
+	if !allUp || client == nil {
+		if lastErr != nil {
+			return fmt.Errorf("%w: %v", ErrUnavailable, lastErr)
+		}
+		return ErrUnavailable
+	}
+	for addr, node := range client.Nodes() {
+		if err := node.Do(ctx, node.B().Ping().Build()).Error(); err != nil {
+			return fmt.Errorf("%w: %s: %v", ErrUnavailable, addr, err)
+		}
+	}
+	return nil
+}
+
+// Close implements Broker.
+func (r *ShardedRedisBroker) Close() error {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil
+	}
+	r.closed = true
+	started := r.handler != nil
+	r.mu.Unlock()
+	close(r.stop)
+	if started {
+		<-r.done
+	}
+	r.wg.Wait()
+	return nil
+}
+
+// run owns the client, the topology and every link.
+func (r *ShardedRedisBroker) run() {
+	defer close(r.done)
+	defer func() {
+		for _, l := range r.links {
+			r.closeLink(l)
+		}
+		if r.client != nil {
+			r.client.Close()
+		}
+	}()
+	tick := time.NewTicker(min(r.opts.ProbeInterval, r.opts.ProbeTimeout, 2*time.Second) / 2)
+	defer tick.Stop()
+	var attempt int
+	var retryAt time.Time
+	for {
+		if err := r.ensure(&attempt, &retryAt); err != nil {
+			r.allDown(err)
+		}
+		r.mu.Lock()
+		pending := len(r.dirty) > 0
+		r.mu.Unlock()
+		if pending && !r.stale.Load() {
+			r.flush()
+		}
+		select {
+		case <-r.stop:
+			return
+		case ev := <-r.events:
+			if l := r.links[ev.node]; l != nil && l.gen == ev.gen {
+				r.linkFailed(l, ev.err)
+			}
+		case <-r.kick:
+			r.flush()
+		case now := <-tick.C:
+			r.probe(now)
+		}
+	}
+}
+
+// ensure creates the client, refreshes the topology when stale, and
+// (re)connects links that are due.
+func (r *ShardedRedisBroker) ensure(attempt *int, retryAt *time.Time) error {
+	now := time.Now()
+	if r.client == nil || r.stale.Load() {
+		if now.Before(*retryAt) {
+			return nil
+		}
+		if err := r.refresh(); err != nil {
+			*attempt++
+			*retryAt = now.Add(backoff(*attempt))
+			return err
+		}
+		*attempt = 0
+		*retryAt = now.Add(100 * time.Millisecond) // refresh at most ten times a second
+	}
+	nodes := r.nodes
+	for _, node := range nodes {
+		l := r.links[node]
+		if l == nil {
+			l = &shardLink{node: node}
+			r.links[node] = l
+		}
+		if l.up || now.Before(l.retryAt) {
+			continue
+		}
+		if err := r.connect(l); err != nil {
+			l.attempt++
+			l.retryAt = now.Add(backoff(l.attempt))
+			r.mu.Lock()
+			r.lastErr = err
+			r.mu.Unlock()
+			r.log.Debug("sharded link connect failed", "node", node, "error", err)
+			r.stale.Store(true)
+		}
+	}
+	for node, l := range r.links { // nodes no longer masters
+		if !slices.Contains(nodes, node) {
+			r.closeLink(l)
+			delete(r.links, node)
+		}
+	}
+	r.mu.Lock()
+	allUp := len(r.links) > 0
+	for _, l := range r.links {
+		allUp = allUp && l.up
+	}
+	changed := allUp && !r.allUp
+	r.allUp = allUp
+	if allUp {
+		r.lastErr = nil
+	}
+	r.mu.Unlock()
+	if changed {
+		if !r.downFrom.IsZero() && r.obs != nil {
+			r.obs.OutageEnded(time.Since(r.downFrom))
+		}
+		r.downFrom = time.Time{}
+		if r.obs != nil {
+			r.obs.LinkUp(true)
+		}
+		if !r.everUp {
+			r.everUp = true
+			r.handler.HandleLinkUp(nil)
+		}
+	}
+	return nil
+}
+
+// refresh (re)creates the client if needed and reads the slot owners.
+func (r *ShardedRedisBroker) refresh() error {
+	if r.client == nil {
+		opt := r.clientOpt
+		opt.InitAddress = slices.Clone(opt.InitAddress)
+		c, err := rueidis.NewClient(opt)
+		if err != nil {
+			return err
+		}
+		r.client = c
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+2*time.Second)
+	defer cancel()
+	owner := make([]string, 16384)
+	res := r.client.Do(ctx, r.client.B().ClusterSlots().Build())
+	if err := res.Error(); err != nil {
+		if !strings.Contains(err.Error(), "cluster support disabled") {
+			return err
+		}
+		for i := range owner {
+			owner[i] = standaloneNode
+		}
+	} else {
+		ranges, err := res.ToArray()
+		if err != nil {
+			return err
+		}
+		for _, rg := range ranges {
+			v, err := rg.ToArray()
+			if err != nil || len(v) < 3 {
+				continue
+			}
+			lo, _ := v[0].AsInt64()
+			hi, _ := v[1].AsInt64()
+			m, _ := v[2].ToArray()
+			if len(m) < 2 {
+				continue
+			}
+			host, _ := m[0].ToString()
+			port, _ := m[1].AsInt64()
+			for s := lo; s <= hi && s < 16384; s++ {
+				owner[s] = host + ":" + strconv.FormatInt(port, 10)
+			}
+		}
+	}
+	r.nodes = slices.Compact(slices.Sorted(slices.Values(owner)))
+	r.mu.Lock()
+	r.owner = owner
+	for t, st := range r.topics { // a topic whose slot moved must be subscribed on its new owner
+		if st.node != "" && st.node != owner[Slot(notify.Channel(r.opts.Prefix, t))] {
+			st.node = ""
+			r.markDirty(t)
+		}
+	}
+	r.mu.Unlock()
+	r.stale.Store(false)
+	return nil
+}
+
+// connect opens the link of one node and subscribes its wanted topics.
+func (r *ShardedRedisBroker) connect(l *shardLink) error {
+	var nodeClient rueidis.Client = r.client
+	if l.node != standaloneNode {
+		var ok bool
+		if nodeClient, ok = r.client.Nodes()[l.node]; !ok {
+			return fmt.Errorf("node %s not known to the client", l.node)
+		}
+	}
+	dc, cancel := nodeClient.Dedicate()
+	r.nextGen++
+	l.gen, l.dc, l.cancel = r.nextGen, dc, cancel
+	gen := l.gen
+	wait := dc.SetPubSubHooks(rueidis.PubSubHooks{
+		OnMessage:      func(m rueidis.PubSubMessage) { r.onMessage(l, m) },
+		OnSubscription: func(s rueidis.PubSubSubscription) { r.onSubscription(l, s) },
+	})
+	r.wg.Go(func() {
+		err := <-wait
+		if err == nil {
+			err = errors.New("pub/sub connection closed")
+		}
+		select {
+		case r.events <- linkEvent{node: l.node, gen: gen, err: err}:
+		case <-r.stop:
+		}
+	})
+	r.mu.Lock()
+	l.probeCh = r.probeChannel(l.node)
+	var topics []string
+	for t, st := range r.topics {
+		if st.wanted && st.node == "" && r.nodeOf(t) == l.node {
+			topics = append(topics, t)
+		}
+	}
+	r.mu.Unlock()
+	cmds := rueidis.Commands{dc.B().Ssubscribe().Channel(l.probeCh).Build()}
+	for _, t := range topics {
+		cmds = append(cmds, dc.B().Ssubscribe().Channel(notify.Channel(r.opts.Prefix, t)).Build())
+	}
+	ctx, cancelCtx := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+5*time.Second)
+	err := firstErr(dc.DoMulti(ctx, cmds...))
+	cancelCtx()
+	if err != nil {
+		r.closeLink(l)
+		return err
+	}
+	r.mu.Lock()
+	confirmed := r.confirm(l.node, topics)
+	r.report()
+	r.mu.Unlock()
+	wasDown := l.attempt > 0 || r.everUp
+	l.up, l.attempt, l.deadline = true, 0, time.Time{}
+	l.lastRecv.Store(time.Now().UnixNano())
+	r.log.Info("sharded pub/sub link up", "node", l.node, "subscribed", len(topics))
+	if wasDown && len(confirmed) > 0 {
+		r.handler.HandleLinkUp(confirmed)
+	}
+	return nil
+}
+
+// probeChannel finds a channel of this broker whose slot is on node; r.mu held.
+func (r *ShardedRedisBroker) probeChannel(node string) string {
+	for i := 0; ; i++ {
+		ch := r.probeBase + ":" + strconv.Itoa(i)
+		if r.owner == nil || r.owner[Slot(ch)] == node || i > 1<<20 {
+			return ch
+		}
+	}
+}
+
+// confirm marks topics active on node and wakes their waiters; r.mu held.
+func (r *ShardedRedisBroker) confirm(node string, topics []string) []string {
+	var out []string
+	for _, t := range topics {
+		st := r.topics[t]
+		if st == nil {
+			st = &shardTopic{}
+			r.topics[t] = st
+		}
+		st.node = node
+		if st.ready != nil {
+			close(st.ready)
+			st.ready = nil
+		}
+		if !st.wanted {
+			r.markDirty(t)
+		} else {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+func (r *ShardedRedisBroker) report() {
+	if r.obs == nil {
+		return
+	}
+	n := 0
+	for _, st := range r.topics {
+		if st.node != "" {
+			n++
+		}
+	}
+	r.obs.SubscriptionsActive(n)
+}
+
+// flush sends the subscription changes, per node, over the links that are up.
+func (r *ShardedRedisBroker) flush() {
+	subs, unsubs := map[string][]string{}, map[string][]string{}
+	r.mu.Lock()
+	for t := range r.dirty {
+		st := r.topics[t]
+		switch {
+		case st == nil:
+		case st.wanted && st.node == "":
+			node := r.nodeOf(t)
+			if l := r.links[node]; l != nil && l.up {
+				subs[node] = append(subs[node], t)
+			} else if st.ready != nil { // the node's link is down: subscribed when it is back
+				close(st.ready)
+				st.ready = nil
+			}
+		case !st.wanted && st.node != "":
+			unsubs[st.node] = append(unsubs[st.node], t)
+			delete(r.topics, t)
+		case !st.wanted:
+			if st.ready != nil {
+				close(st.ready)
+			}
+			delete(r.topics, t)
+		}
+	}
+	clear(r.dirty)
+	r.mu.Unlock()
+	for node, l := range r.links {
+		if !l.up || (len(subs[node]) == 0 && len(unsubs[node]) == 0) {
+			continue
+		}
+		var cmds rueidis.Commands
+		for _, t := range unsubs[node] {
+			cmds = append(cmds, l.dc.B().Sunsubscribe().Channel(notify.Channel(r.opts.Prefix, t)).Build())
+		}
+		for _, t := range subs[node] {
+			cmds = append(cmds, l.dc.B().Ssubscribe().Channel(notify.Channel(r.opts.Prefix, t)).Build())
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+5*time.Second)
+		results := l.dc.DoMulti(ctx, cmds...)
+		cancel()
+		var ok []string
+		for i, res := range results[len(unsubs[node]):] {
+			if err := res.Error(); err != nil {
+				if strings.HasPrefix(err.Error(), "MOVED") || strings.Contains(err.Error(), "CROSSSLOT") {
+					r.stale.Store(true) // re-placed after the refresh
+					continue
+				}
+				r.linkFailed(l, err)
+				break
+			}
+			ok = append(ok, subs[node][i])
+		}
+		r.mu.Lock()
+		r.confirm(node, ok)
+		for _, t := range subs[node] {
+			if st := r.topics[t]; st != nil && st.node == "" && st.wanted {
+				r.dirty[t] = struct{}{} // not confirmed: retry after refresh/reconnect
+			}
+		}
+		r.report()
+		r.mu.Unlock()
+	}
+}
+
+// linkFailed marks a node's link down and tells the handler about its topics.
+func (r *ShardedRedisBroker) linkFailed(l *shardLink, err error) {
+	if !l.up && l.dc == nil {
+		return
+	}
+	wasUp := l.up
+	r.closeLink(l)
+	l.retryAt = time.Now().Add(backoff(1))
+	r.stale.Store(true)
+	r.mu.Lock()
+	var lost []string
+	for t, st := range r.topics {
+		if st.node == l.node {
+			st.node = ""
+			if st.wanted {
+				lost = append(lost, t)
+			}
+		}
+	}
+	r.lastErr = err
+	wasAllUp := r.allUp
+	r.allUp = false
+	r.report()
+	r.mu.Unlock()
+	if wasAllUp {
+		r.downFrom = time.Now()
+		if r.obs != nil {
+			r.obs.LinkUp(false)
+		}
+	}
+	if wasUp {
+		r.log.Warn("sharded pub/sub link down", "node", l.node, "error", err, "topics", len(lost))
+		if len(lost) > 0 {
+			r.handler.HandleLinkDown(lost)
+		}
+	}
+}
+
+// allDown reports that no link can be made (client or topology failure).
+func (r *ShardedRedisBroker) allDown(err error) {
+	for _, l := range r.links {
+		if l.up {
+			r.linkFailed(l, err)
+		}
+	}
+	r.mu.Lock()
+	r.lastErr = err
+	r.allUp = false
+	r.mu.Unlock()
+}
+
+func (r *ShardedRedisBroker) closeLink(l *shardLink) {
+	if l.dc != nil {
+		l.dc.Close()
+		l.cancel()
+	}
+	l.dc, l.cancel, l.up = nil, nil, false
+}
+
+// probe publishes a probe on every quiet link and fails links whose probe
+// did not come back in time.
+func (r *ShardedRedisBroker) probe(now time.Time) {
+	for _, l := range r.links {
+		if !l.up {
+			continue
+		}
+		if l.probeBack.Swap(false) {
+			l.deadline = time.Time{}
+		}
+		switch {
+		case !l.deadline.IsZero() && now.After(l.deadline):
+			r.linkFailed(l, errProbeTimeout)
+		case l.deadline.IsZero() && now.Sub(time.Unix(0, l.lastRecv.Load())) >= r.opts.ProbeInterval:
+			l.deadline = now.Add(r.opts.ProbeTimeout)
+			client, ch := r.client, l.probeCh
+			r.wg.Go(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout)
+				defer cancel()
+				_ = client.Do(ctx, client.B().Spublish().Channel(ch).Message("probe").Build()).Error()
+			})
+		}
+	}
+}
+
+func (r *ShardedRedisBroker) onMessage(l *shardLink, m rueidis.PubSubMessage) {
+	l.lastRecv.Store(time.Now().UnixNano())
+	if m.Channel == l.probeCh {
+		l.probeBack.Store(true)
+		return
+	}
+	if topic, ok := notify.UserFromChannel(r.opts.Prefix, m.Channel); ok {
+		r.handler.HandleMessage(topic, []byte(m.Message))
+	}
+}
+
+// onSubscription catches Redis's sunsubscribe push when a slot migrates:
+// the topic must be subscribed again on the slot's new owner.
+func (r *ShardedRedisBroker) onSubscription(l *shardLink, s rueidis.PubSubSubscription) {
+	if s.Kind != "sunsubscribe" {
+		return
+	}
+	topic, ok := notify.UserFromChannel(r.opts.Prefix, s.Channel)
+	if !ok {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if st := r.topics[topic]; st != nil && st.wanted && st.node == l.node {
+		st.node = ""
+		r.stale.Store(true)
+		r.markDirty(topic)
+	}
+}
