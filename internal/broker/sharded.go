@@ -35,7 +35,7 @@ type ShardedRedisBroker struct {
 	obs       Observer
 	probeBase string
 
-	client rueidis.Client // owned by the loop; nil until the first connect
+	clients map[string]rueidis.Client // per node (one command connection each); owned by the loop
 
 	mu       sync.Mutex
 	topics   map[string]*shardTopic
@@ -48,7 +48,7 @@ type ShardedRedisBroker struct {
 	handler  Handler
 	nodes    []string    // masters serving slots, from the last refresh
 	stale    atomic.Bool // topology must be refreshed
-		kick     chan struct{}
+	kick     chan struct{}
 	events   chan linkEvent
 	stop     chan struct{}
 	done     chan struct{}
@@ -106,7 +106,8 @@ func NewShardedRedis(opts RedisOptions) (*ShardedRedisBroker, error) {
 		opts: opts, clientOpt: co, log: opts.Logger, obs: opts.Observer,
 		probeBase: "__wsgw_probe__:" + randomID(),
 		topics:    map[string]*shardTopic{}, dirty: map[string]struct{}{}, links: map[string]*shardLink{},
-		kick: make(chan struct{}, 1), events: make(chan linkEvent, 16),
+		clients: map[string]rueidis.Client{},
+		kick:    make(chan struct{}, 1), events: make(chan linkEvent, 16),
 		stop: make(chan struct{}), done: make(chan struct{}),
 	}, nil
 }
@@ -176,18 +177,13 @@ func (r *ShardedRedisBroker) markDirty(topic string) {
 // Check implements Broker: an error unless every node's link is up.
 func (r *ShardedRedisBroker) Check(ctx context.Context) error {
 	r.mu.Lock()
-	allUp, lastErr, client := r.allUp, r.lastErr, r.client
+	allUp, lastErr := r.allUp, r.lastErr
 	r.mu.Unlock()
-	if !allUp || client == nil {
+	if !allUp {
 		if lastErr != nil {
 			return fmt.Errorf("%w: %v", ErrUnavailable, lastErr)
 		}
 		return ErrUnavailable
-	}
-	for addr, node := range client.Nodes() {
-		if err := node.Do(ctx, node.B().Ping().Build()).Error(); err != nil {
-			return fmt.Errorf("%w: %s: %v", ErrUnavailable, addr, err)
-		}
 	}
 	return nil
 }
@@ -217,17 +213,21 @@ func (r *ShardedRedisBroker) run() {
 		for _, l := range r.links {
 			r.closeLink(l)
 		}
-		if r.client != nil {
-			r.client.Close()
+		for _, c := range r.clients {
+			c.Close()
 		}
 	}()
 	tick := time.NewTicker(min(r.opts.ProbeInterval, r.opts.ProbeTimeout, 2*time.Second) / 2)
 	defer tick.Stop()
 	var attempt int
-	var retryAt time.Time
+	var retryAt, lastRefresh time.Time
 	for {
 		if err := r.ensure(&attempt, &retryAt); err != nil {
-			r.allDown(err)
+			// Links that are up stay up: their own errors and probes judge them.
+			r.mu.Lock()
+			r.lastErr = err
+			r.mu.Unlock()
+			r.log.Debug("sharded topology refresh failed", "error", err)
 		}
 		r.mu.Lock()
 		pending := len(r.dirty) > 0
@@ -246,6 +246,11 @@ func (r *ShardedRedisBroker) run() {
 			r.flush()
 		case now := <-tick.C:
 			r.probe(now)
+			if now.Sub(lastRefresh) >= r.opts.ProbeInterval {
+				// Slot moves do not always come with a sunsubscribe push.
+				lastRefresh = now
+				r.stale.Store(true)
+			}
 		}
 	}
 }
@@ -254,7 +259,7 @@ func (r *ShardedRedisBroker) run() {
 // (re)connects links that are due.
 func (r *ShardedRedisBroker) ensure(attempt *int, retryAt *time.Time) error {
 	now := time.Now()
-	if r.client == nil || r.stale.Load() {
+	if r.owner == nil || r.stale.Load() {
 		if now.Before(*retryAt) {
 			return nil
 		}
@@ -292,6 +297,12 @@ func (r *ShardedRedisBroker) ensure(attempt *int, retryAt *time.Time) error {
 			delete(r.links, node)
 		}
 	}
+	for node, c := range r.clients {
+		if !slices.Contains(nodes, node) {
+			c.Close()
+			delete(r.clients, node)
+		}
+	}
 	r.mu.Lock()
 	allUp := len(r.links) > 0
 	for _, l := range r.links {
@@ -319,32 +330,56 @@ func (r *ShardedRedisBroker) ensure(attempt *int, retryAt *time.Time) error {
 	return nil
 }
 
-// refresh (re)creates the client if needed and reads the slot owners.
-func (r *ShardedRedisBroker) refresh() error {
-	if r.client == nil {
-		opt := r.clientOpt
-		opt.InitAddress = slices.Clone(opt.InitAddress)
-		c, err := rueidis.NewClient(opt)
-		if err != nil {
-			return err
-		}
-		r.client = c
+// client returns the command client of node, dialling it if needed.
+func (r *ShardedRedisBroker) client(node string) (rueidis.Client, error) {
+	if c := r.clients[node]; c != nil {
+		return c, nil
 	}
+	opt := r.clientOpt
+	opt.InitAddress = slices.Clone(opt.InitAddress)
+	if node != standaloneNode {
+		opt.InitAddress, opt.ForceSingleClient, opt.ShuffleInit = []string{node}, true, false
+	}
+	c, err := rueidis.NewClient(opt)
+	if err != nil {
+		return nil, err
+	}
+	r.clients[node] = c
+	return c, nil
+}
+
+// refresh reads the slot owners (CLUSTER SLOTS) from a known node or a seed.
+func (r *ShardedRedisBroker) refresh() error {
 	ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+2*time.Second)
 	defer cancel()
+	candidates := slices.Concat(r.nodes, r.opts.Topology.ClusterNodes)
+	if len(r.opts.Topology.ClusterNodes) == 0 {
+		candidates = []string{standaloneNode}
+	}
 	owner := make([]string, 16384)
-	res := r.client.Do(ctx, r.client.B().ClusterSlots().Build())
-	if err := res.Error(); err != nil {
-		if !strings.Contains(err.Error(), "cluster support disabled") {
-			return err
+	var lastErr error
+	for _, node := range candidates {
+		c, err := r.client(node)
+		if err != nil {
+			lastErr = err
+			continue
 		}
-		for i := range owner {
-			owner[i] = standaloneNode
+		res := c.Do(ctx, c.B().ClusterSlots().Build())
+		if err := res.Error(); err != nil {
+			if strings.Contains(err.Error(), "cluster support disabled") {
+				for i := range owner {
+					owner[i] = standaloneNode
+				}
+				lastErr = nil
+				break
+			}
+			lastErr = err
+			continue
 		}
-	} else {
 		ranges, err := res.ToArray()
 		if err != nil {
-			return err
+			lastErr = err
+			continue
 		}
 		for _, rg := range ranges {
 			v, err := rg.ToArray()
@@ -363,8 +398,14 @@ func (r *ShardedRedisBroker) refresh() error {
 				owner[s] = host + ":" + strconv.FormatInt(port, 10)
 			}
 		}
+		lastErr = nil
+		break
+	}
+	if lastErr != nil {
+		return lastErr
 	}
 	r.nodes = slices.Compact(slices.Sorted(slices.Values(owner)))
+	r.log.Debug("cluster topology refreshed", "masters", r.nodes)
 	r.mu.Lock()
 	r.owner = owner
 	for t, st := range r.topics { // a topic whose slot moved must be subscribed on its new owner
@@ -380,12 +421,9 @@ func (r *ShardedRedisBroker) refresh() error {
 
 // connect opens the link of one node and subscribes its wanted topics.
 func (r *ShardedRedisBroker) connect(l *shardLink) error {
-	var nodeClient rueidis.Client = r.client
-	if l.node != standaloneNode {
-		var ok bool
-		if nodeClient, ok = r.client.Nodes()[l.node]; !ok {
-			return fmt.Errorf("node %s not known to the client", l.node)
-		}
+	nodeClient, err := r.client(l.node)
+	if err != nil {
+		return err
 	}
 	dc, cancel := nodeClient.Dedicate()
 	r.nextGen++
@@ -419,7 +457,7 @@ func (r *ShardedRedisBroker) connect(l *shardLink) error {
 		cmds = append(cmds, dc.B().Ssubscribe().Channel(notify.Channel(r.opts.Prefix, t)).Build())
 	}
 	ctx, cancelCtx := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+5*time.Second)
-	err := firstErr(dc.DoMulti(ctx, cmds...))
+	err = firstErr(dc.DoMulti(ctx, cmds...))
 	cancelCtx()
 	if err != nil {
 		r.closeLink(l)
@@ -589,19 +627,6 @@ func (r *ShardedRedisBroker) linkFailed(l *shardLink, err error) {
 	}
 }
 
-// allDown reports that no link can be made (client or topology failure).
-func (r *ShardedRedisBroker) allDown(err error) {
-	for _, l := range r.links {
-		if l.up {
-			r.linkFailed(l, err)
-		}
-	}
-	r.mu.Lock()
-	r.lastErr = err
-	r.allUp = false
-	r.mu.Unlock()
-}
-
 func (r *ShardedRedisBroker) closeLink(l *shardLink) {
 	if l.dc != nil {
 		l.dc.Close()
@@ -625,7 +650,10 @@ func (r *ShardedRedisBroker) probe(now time.Time) {
 			r.linkFailed(l, errProbeTimeout)
 		case l.deadline.IsZero() && now.Sub(time.Unix(0, l.lastRecv.Load())) >= r.opts.ProbeInterval:
 			l.deadline = now.Add(r.opts.ProbeTimeout)
-			client, ch := r.client, l.probeCh
+			client, ch := r.clients[l.node], l.probeCh
+			if client == nil {
+				continue
+			}
 			r.wg.Go(func() {
 				ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout)
 				defer cancel()

@@ -239,3 +239,120 @@ func TestSentinelFailover(t *testing.T) {
 	}
 	t.Logf("sentinel failover: delivery gap %s from SIGKILL of the master", gap.Round(time.Millisecond))
 }
+
+// shardedPublish publishes with SPUBLISH, retrying while the cluster is
+// still moving the slot (the publisher's problem, not the gateway's).
+func shardedPublish(t *testing.T, pub rueidis.Client, user, payload string) {
+	t.Helper()
+	eventually(t, 30*time.Second, "SPUBLISH accepted", func() bool {
+		return pub.Do(context.Background(), publishCmd(pub, true, user, payload)).Error() == nil
+	})
+}
+
+func TestClusterFailoverSharded(t *testing.T) {
+	c := redistest.StartCluster(t, 2*time.Second)
+	st := newStack(t, func(sc *stackConfig) {
+		sc.topology = &broker.Topology{ClusterNodes: c.Addrs()}
+		sc.sharded, sc.name, sc.probe = true, "sharded-failover", time.Second
+	})
+	const n = 60
+	readers := make([]*reader, n)
+	for i := range readers {
+		readers[i] = st.dial(fmt.Sprintf("sf%d", i)).readAll()
+	}
+	victimSlot, _ := c.KeySlot("ws:sf0")
+	victim, err := c.MasterOf(victimSlot)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var affected, unaffected []int
+	for i := range n {
+		slot, _ := c.KeySlot(fmt.Sprintf("ws:sf%d", i))
+		if owner, _ := c.MasterOf(slot); owner == victim {
+			affected = append(affected, i)
+		} else {
+			unaffected = append(unaffected, i)
+		}
+	}
+	start := time.Now()
+	victim.Kill()
+	for _, i := range affected {
+		eventually(t, 30*time.Second, fmt.Sprintf("client %d degraded", i), func() bool { return readers[i].count("connection.degraded") == 1 })
+	}
+	for _, i := range affected {
+		eventually(t, 60*time.Second, fmt.Sprintf("client %d restored", i), func() bool { return readers[i].count("connection.restored") == 1 })
+	}
+	pub := clusterPublisher(t, c.Addrs(), "")
+	gap := deliveryGap(t, pub, true, "sf0", readers[0], start)
+	for i, r := range readers {
+		shardedPublish(t, pub, fmt.Sprintf("sf%d", i), `{"after":1}`)
+		eventually(t, 10*time.Second, "delivery after failover", func() bool { return r.count(`"after"`) == 1 })
+		if r.err() != nil {
+			t.Fatalf("client %d closed: %v", i, r.err())
+		}
+	}
+	for _, i := range unaffected {
+		if readers[i].count("connection.degraded") != 0 {
+			t.Fatalf("client %d on a healthy node was told degraded", i)
+		}
+	}
+	t.Logf("cluster (sharded) failover: %d of %d users affected; delivery gap %s from SIGKILL of their master",
+		len(affected), n, gap.Round(time.Millisecond))
+}
+
+func TestSlotMigrationSharded(t *testing.T) {
+	c := redistest.StartCluster(t, 2*time.Second)
+	st := newStack(t, func(sc *stackConfig) {
+		sc.topology = &broker.Topology{ClusterNodes: c.Addrs()}
+		sc.sharded, sc.name = true, "migration"
+	})
+	users := []string{"mig-a", "mig-b", "mig-c"}
+	readers := map[string]*reader{}
+	for _, u := range users {
+		readers[u] = st.dial(u).readAll()
+	}
+	pub := clusterPublisher(t, c.Addrs(), "")
+	for _, u := range users {
+		slot, _ := c.KeySlot("ws:" + u)
+		source, err := c.MasterOf(slot)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var target *redistest.Server
+		for _, n := range c.Nodes {
+			if n != source {
+				if role, _ := n.DoLines("ROLE"); len(role) > 0 && role[0] == "master" {
+					target = n
+					break
+				}
+			}
+		}
+		sourceID, _ := source.Do("CLUSTER", "MYID")
+		targetID, _ := target.Do("CLUSTER", "MYID")
+		s := fmt.Sprint(slot)
+		for _, step := range []struct {
+			node *redistest.Server
+			args []string
+		}{
+			{target, []string{"CLUSTER", "SETSLOT", s, "IMPORTING", sourceID}},
+			{source, []string{"CLUSTER", "SETSLOT", s, "MIGRATING", targetID}},
+			{target, []string{"CLUSTER", "SETSLOT", s, "NODE", targetID}},
+			{source, []string{"CLUSTER", "SETSLOT", s, "NODE", targetID}},
+		} {
+			if _, err := step.node.Do(step.args...); err != nil {
+				t.Fatalf("%v: %v", step.args, err)
+			}
+		}
+		eventually(t, 10*time.Second, "slot owned by the target", func() bool {
+			owner, err := c.MasterOf(slot)
+			return err == nil && owner == target
+		})
+		shardedPublish(t, pub, u, `{"moved":true}`)
+		eventually(t, 20*time.Second, u+" delivery after its slot moved", func() bool { return readers[u].count("moved") >= 1 })
+	}
+	for u, r := range readers {
+		if r.err() != nil {
+			t.Fatalf("%s closed: %v", u, r.err())
+		}
+	}
+}

@@ -87,7 +87,11 @@ func newStack(t testing.TB, mutate func(*stackConfig)) *stack {
 		}
 		topo.URL = st.redis.URL()
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	level := slog.LevelWarn
+	if os.Getenv("TEST_LOG_DEBUG") != "" {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	st.m = metrics.New()
 	ropts := broker.RedisOptions{Topology: topo, ClientName: cfg.name, Prefix: "ws", ProbeInterval: cfg.probe,
 		ProbeTimeout: cfg.probe / 2, Logger: log, Observer: st.m}

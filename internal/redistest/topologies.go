@@ -46,7 +46,7 @@ func NewCluster(dir string, nodeTimeout time.Duration) (*Cluster, error) {
 		}
 		s, err := StartServer(nodeDir, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
 			"--cluster-node-timeout", strconv.Itoa(int(nodeTimeout.Milliseconds())), "--cluster-port", strconv.Itoa(busPort),
-			"--cluster-require-full-coverage", "no")
+			"--cluster-require-full-coverage", "no", "--repl-diskless-sync-delay", "0")
 		if err != nil {
 			c.Stop()
 			return nil, err
@@ -66,7 +66,35 @@ func NewCluster(dir string, nodeTimeout time.Duration) (*Cluster, error) {
 		c.Stop()
 		return nil, err
 	}
+	// A replica that has not finished its first sync refuses to fail over.
+	if err := waitReplicasSynced(c.Nodes, 30*time.Second); err != nil {
+		c.Stop()
+		return nil, err
+	}
 	return c, nil
+}
+
+// waitReplicasSynced waits until every replica among nodes reports its link
+// to the master up.
+func waitReplicasSynced(nodes []*Server, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		synced := true
+		for _, n := range nodes {
+			info, err := n.Do("INFO", "replication")
+			if err != nil || (strings.Contains(info, "role:slave") && !strings.Contains(info, "master_link_status:up")) {
+				synced = false
+				break
+			}
+		}
+		if synced {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return errors.New("replicas did not finish their first sync in time")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // Addrs lists every node's host:port (seed nodes for a client).
@@ -203,7 +231,7 @@ func StartSentinel(t testing.TB) *Sentinel {
 func NewSentinel(dir string) (*Sentinel, error) {
 	g := &Sentinel{Name: "mymaster"}
 	var err error
-	if g.Master, err = StartServer(mkdir(dir, "master")); err != nil {
+	if g.Master, err = StartServer(mkdir(dir, "master"), "--repl-diskless-sync-delay", "0"); err != nil {
 		return nil, err
 	}
 	if g.Replica, err = StartServer(mkdir(dir, "replica"), "--replicaof", "127.0.0.1", strconv.Itoa(g.Master.Port)); err != nil {
@@ -231,6 +259,10 @@ func NewSentinel(dir string) (*Sentinel, error) {
 			return nil, err
 		}
 		g.Sentinels = append(g.Sentinels, s)
+	}
+	if err := waitReplicasSynced([]*Server{g.Replica}, 30*time.Second); err != nil {
+		g.Stop()
+		return nil, err
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for !g.ready() {
