@@ -410,6 +410,7 @@ func (r *ShardedRedisBroker) refresh() error {
 	r.owner = owner
 	for t, st := range r.topics { // a topic whose slot moved must be subscribed on its new owner
 		if st.node != "" && st.node != owner[Slot(notify.Channel(r.opts.Prefix, t))] {
+			r.log.Debug("topic moved to another node", "from", st.node, "to", owner[Slot(notify.Channel(r.opts.Prefix, t))])
 			st.node = ""
 			r.markDirty(t)
 		}
@@ -562,14 +563,22 @@ func (r *ShardedRedisBroker) flush() {
 		for _, t := range subs[node] {
 			cmds = append(cmds, l.dc.B().Ssubscribe().Channel(notify.Channel(r.opts.Prefix, t)).Build())
 		}
+		r.log.Debug("flush", "node", node, "subscribe", len(subs[node]), "unsubscribe", len(unsubs[node]))
 		ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+5*time.Second)
 		results := l.dc.DoMulti(ctx, cmds...)
 		cancel()
 		var ok []string
 		for i, res := range results[len(unsubs[node]):] {
 			if err := res.Error(); err != nil {
+				r.log.Debug("subscribe failed", "node", node, "error", err)
 				if strings.HasPrefix(err.Error(), "MOVED") || strings.Contains(err.Error(), "CROSSSLOT") {
-					r.stale.Store(true) // re-placed after the refresh
+					r.stale.Store(true) // re-placed after the refresh, soon
+					time.AfterFunc(100*time.Millisecond, func() {
+						select {
+						case r.kick <- struct{}{}:
+						default:
+						}
+					})
 					continue
 				}
 				r.linkFailed(l, err)
@@ -680,6 +689,7 @@ func (r *ShardedRedisBroker) onSubscription(l *shardLink, s rueidis.PubSubSubscr
 	if s.Kind != "sunsubscribe" {
 		return
 	}
+	r.log.Debug("sunsubscribe", "node", l.node, "channel", s.Channel)
 	topic, ok := notify.UserFromChannel(r.opts.Prefix, s.Channel)
 	if !ok {
 		return
