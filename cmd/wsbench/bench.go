@@ -100,7 +100,7 @@ func (b *bench) readTokens(path string) error {
 	return sc.Err()
 }
 
-func userName(i int) string { return "bench-" + strconv.Itoa(i) }
+func (b *bench) userName(i int) string { return "bench-" + strconv.Itoa(b.o.UserOffset+i) }
 
 func (b *bench) token(user string) (string, error) {
 	if b.tokens != nil {
@@ -165,7 +165,7 @@ func (b *bench) connectAll(ctx context.Context) time.Duration {
 // dial opens connection i.
 func (b *bench) dial(i int) *benchConn {
 	user := i % b.o.Users
-	name := userName(user)
+	name := b.userName(user)
 	tok, err := b.token(name)
 	if err != nil {
 		b.fail("token")
@@ -336,7 +336,7 @@ func (b *bench) progress(what string, line func() string) (stop func()) {
 }
 
 func (b *bench) publishCmd(user int, payload string) rueidis.Completed {
-	ch := b.o.Prefix + ":" + userName(user)
+	ch := b.o.Prefix + ":" + b.userName(user)
 	if b.o.Sharded {
 		return b.redis.B().Spublish().Channel(ch).Message(payload).Build()
 	}

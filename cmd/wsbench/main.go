@@ -32,6 +32,7 @@ type options struct {
 	TokensFile  string
 	Conns       int
 	Users       int
+	UserOffset  int
 	ConnectRate int
 	Concurrency int
 	Sources     int
@@ -70,6 +71,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.TokensFile, "tokens-file", "", "file of lines 'user token' to use instead of minting")
 	fs.IntVar(&o.Conns, "conns", 1000, "connections")
 	fs.IntVar(&o.Users, "users", 0, "users the connections are spread over (default: one per connection)")
+	fs.IntVar(&o.UserOffset, "user-offset", 0, "first user number (several wsbench processes use disjoint ranges)")
 	fs.IntVar(&o.ConnectRate, "connect-rate", 0, "connections opened per second (0: as fast as --concurrency allows)")
 	fs.IntVar(&o.Concurrency, "concurrency", 256, "handshakes in flight at once")
 	fs.IntVar(&o.Sources, "sources", 1, "dial from 127.0.0.1 … 127.0.0.N (each address has ~28k ephemeral ports)")
