@@ -120,3 +120,29 @@ func FuzzLoad(f *testing.F) {
 		}
 	})
 }
+
+func TestRedisTopologies(t *testing.T) {
+	strong := strings.Repeat("k", 32)
+	c, err := Load(env("ENVIRONMENT", "production", "JWT_SECRET_KEY", strong, "REDIS_CLUSTER_NODES", "10.0.0.1:6379, 10.0.0.2:6379",
+		"REDIS_PUBSUB_MODE", "sharded", "REDIS_PASSWORD", "pw", "REDIS_TLS", "true"))
+	if err != nil {
+		t.Fatalf("production with cluster nodes and no REDIS_URL: %v", err)
+	}
+	if len(c.ClusterNodes) != 2 || c.PubSubMode != "sharded" || !c.RedisTLS || c.RedisPassword != "pw" || !c.RedisConfigured() {
+		t.Fatalf("%+v", c)
+	}
+	if _, err := Load(env("ENVIRONMENT", "production", "JWT_SECRET_KEY", strong, "REDIS_SENTINEL_ADDRS", "s1:26379", "REDIS_SENTINEL_MASTER", "m")); err != nil {
+		t.Fatalf("production with Sentinel: %v", err)
+	}
+	for name, e := range map[string]func(string) string{
+		"REDIS_SENTINEL_MASTER": env("REDIS_SENTINEL_ADDRS", "s1:26379"),
+		"only one of":           env("REDIS_URL", "redis://a:1", "REDIS_CLUSTER_NODES", "b:2"),
+		"REDIS_CLUSTER_NODES":   env("REDIS_CLUSTER_NODES", "nohostport"),
+		"REDIS_PUBSUB_MODE":     env("REDIS_PUBSUB_MODE", "fanout"),
+		"REDIS_TLS":             env("REDIS_TLS", "maybe"),
+	} {
+		if _, err := Load(e); err == nil || !strings.Contains(err.Error(), name) {
+			t.Errorf("%s: got %v", name, err)
+		}
+	}
+}
