@@ -86,21 +86,9 @@ type topicState struct {
 // NewRedis parses the options; it does not connect (Start does, and keeps
 // trying while Redis is down).
 func NewRedis(opts RedisOptions) (*RedisBroker, error) {
-	co, err := opts.Topology.ClientOption()
+	opts, co, err := opts.prepare()
 	if err != nil {
 		return nil, err
-	}
-	co.AlwaysRESP2 = opts.RESP2
-	co.ClientName = opts.ClientName
-	co.BlockingPoolSize = 1 // the dedicated pub/sub connection
-	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.DiscardHandler)
-	}
-	if opts.ProbeInterval <= 0 {
-		opts.ProbeInterval = 5 * time.Second
-	}
-	if opts.ProbeTimeout <= 0 {
-		opts.ProbeTimeout = 3 * time.Second
 	}
 	return &RedisBroker{
 		opts:      opts,
@@ -116,6 +104,36 @@ func NewRedis(opts RedisOptions) (*RedisBroker, error) {
 		stop:      make(chan struct{}),
 		done:      make(chan struct{}),
 	}, nil
+}
+
+// prepare fills defaults and builds the client options shared by both
+// Redis brokers.
+func (opts RedisOptions) prepare() (RedisOptions, rueidis.ClientOption, error) {
+	co, err := opts.Topology.ClientOption()
+	if err != nil {
+		return opts, co, err
+	}
+	co.AlwaysRESP2 = opts.RESP2
+	co.ClientName = opts.ClientName
+	co.BlockingPoolSize = 1 // the dedicated pub/sub connection
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.ProbeInterval <= 0 {
+		opts.ProbeInterval = 5 * time.Second
+	}
+	if opts.ProbeTimeout <= 0 {
+		opts.ProbeTimeout = 3 * time.Second
+	}
+	return opts, co, nil
+}
+
+// unavailable wraps the last link error in ErrUnavailable.
+func unavailable(lastErr error) error {
+	if lastErr != nil {
+		return fmt.Errorf("%w: %v", ErrUnavailable, lastErr)
+	}
+	return ErrUnavailable
 }
 
 // Start implements Broker.
@@ -192,10 +210,7 @@ func (r *RedisBroker) Check(ctx context.Context) error {
 	r.mu.Unlock()
 	c := r.client.Load()
 	if !up || c == nil {
-		if lastErr != nil {
-			return fmt.Errorf("%w: %v", ErrUnavailable, lastErr)
-		}
-		return ErrUnavailable
+		return unavailable(lastErr)
 	}
 	if err := (*c).Do(ctx, (*c).B().Ping().Build()).Error(); err != nil {
 		return fmt.Errorf("%w: %v", ErrUnavailable, err)

@@ -3,7 +3,6 @@ package broker
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"slices"
 	"strconv"
@@ -86,21 +85,9 @@ type linkEvent struct {
 
 // NewShardedRedis parses the options; Start connects.
 func NewShardedRedis(opts RedisOptions) (*ShardedRedisBroker, error) {
-	co, err := opts.Topology.ClientOption()
+	opts, co, err := opts.prepare()
 	if err != nil {
 		return nil, err
-	}
-	co.AlwaysRESP2 = opts.RESP2
-	co.ClientName = opts.ClientName
-	co.BlockingPoolSize = 1
-	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.DiscardHandler)
-	}
-	if opts.ProbeInterval <= 0 {
-		opts.ProbeInterval = 5 * time.Second
-	}
-	if opts.ProbeTimeout <= 0 {
-		opts.ProbeTimeout = 3 * time.Second
 	}
 	return &ShardedRedisBroker{
 		opts: opts, clientOpt: co, log: opts.Logger, obs: opts.Observer,
@@ -180,10 +167,7 @@ func (r *ShardedRedisBroker) Check(ctx context.Context) error {
 	allUp, lastErr := r.allUp, r.lastErr
 	r.mu.Unlock()
 	if !allUp {
-		if lastErr != nil {
-			return fmt.Errorf("%w: %v", ErrUnavailable, lastErr)
-		}
-		return ErrUnavailable
+		return unavailable(lastErr)
 	}
 	return nil
 }
