@@ -45,10 +45,10 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 	log := newLogger(cfg, stderr)
 	gateway.RouteEngineLogs(log)
 	if getenv("GOGC") == "" {
-		// Idle connections are long-lived and allocate nothing; a tighter GC
-		// target keeps RSS near the live heap at little CPU cost
+		// Idle connections are long-lived and allocate nothing; a tight GC
+		// target keeps RSS near the live heap at no measurable CPU cost
 		// (docs/benchmarks.md). GOGC overrides it.
-		debug.SetGCPercent(50)
+		debug.SetGCPercent(25)
 	}
 	if cfg.JWTSecretIsDev {
 		log.Warn("JWT_SECRET_KEY is unset: using the development secret (refused in production)")
