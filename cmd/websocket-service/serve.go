@@ -57,7 +57,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 
 	topo, resp2 := topology(cfg), false
 	if !cfg.RedisConfigured() { // development only: config refuses this in production
-		url, embedded, err := devredis.Resolve(log)
+		url, embedded, err := devredis.Resolve(devredis.Addr, log)
 		if err != nil {
 			return err
 		}

@@ -12,27 +12,28 @@ import (
 	"time"
 
 	"github.com/alicebob/miniredis/v2"
-
-	"github.com/huleedu/websocket-service/internal/config"
 )
 
-// Addr is where development looks for, or starts, a Redis.
+// Addr is where development looks for, or starts, a Redis
+// (config.DefaultRedisURL).
 const Addr = "127.0.0.1:6379"
 
-// Resolve returns the URL to use and, when it started one, the embedded
-// server (the caller closes it). resp2 is true for the embedded server.
-func Resolve(log *slog.Logger) (url string, embedded *miniredis.Miniredis, err error) {
-	if answers(Addr) {
-		log.Info("development: using the Redis on " + Addr)
-		return config.DefaultRedisURL, nil, nil
+// Resolve returns the URL of a Redis at addr (Addr in serve) and, when it
+// had to start one, the embedded server, which the caller closes. The
+// embedded server speaks RESP2 only.
+func Resolve(addr string, log *slog.Logger) (url string, embedded *miniredis.Miniredis, err error) {
+	url = "redis://" + addr
+	if answers(addr) {
+		log.Info("development: using the Redis on " + addr)
+		return url, nil, nil
 	}
 	m := miniredis.NewMiniRedis()
-	if err := m.StartAddr(Addr); err != nil {
-		return "", nil, fmt.Errorf("devredis: no Redis answers on %s and the embedded one cannot start: %w", Addr, err)
+	if err := m.StartAddr(addr); err != nil {
+		return "", nil, fmt.Errorf("devredis: no Redis answers on %s and the embedded one cannot start: %w", addr, err)
 	}
-	log.Warn("DEVELOPMENT ONLY: started an embedded Redis-protocol server (miniredis) on " + Addr +
+	log.Warn("DEVELOPMENT ONLY: started an embedded Redis-protocol server (miniredis) on " + addr +
 		"; set REDIS_URL to use a real Redis")
-	return config.DefaultRedisURL, m, nil
+	return url, m, nil
 }
 
 // answers reports whether a Redis replies to PING at addr.
@@ -43,7 +44,7 @@ func answers(addr string) bool {
 	}
 	defer c.Close()
 	_ = c.SetDeadline(time.Now().Add(500 * time.Millisecond))
-	if _, err := c.Write([]byte("PING\r\n")); err != nil {
+	if _, err := c.Write([]byte("*1\r\n$4\r\nPING\r\n")); err != nil {
 		return false
 	}
 	line, err := bufio.NewReader(c).ReadString('\n')

@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/huleedu/websocket-service/internal/broker"
 	"github.com/huleedu/websocket-service/internal/metrics"
 )
@@ -58,14 +60,16 @@ const shardCount = 64
 
 // Hub implements broker.Handler.
 type Hub struct {
-	opts   Options
-	broker broker.Broker
-	log    *slog.Logger
-	m      *metrics.Metrics
-	seed   maphash.Seed
-	shards [shardCount]shard
-	total  atomic.Int64
-	up     atomic.Bool
+	opts Options
+	// Drop counters resolved once: HandleMessage runs per message.
+	dropNoConn, dropInvalid, dropTooLarge prometheus.Counter
+	broker                                broker.Broker
+	log                                   *slog.Logger
+	m                                     *metrics.Metrics
+	seed                                  maphash.Seed
+	shards                                [shardCount]shard
+	total                                 atomic.Int64
+	up                                    atomic.Bool
 
 	firstUp     chan struct{} // closed by the first HandleLinkUp
 	firstUpOnce sync.Once
@@ -84,6 +88,12 @@ func New(b broker.Broker, opts Options) *Hub {
 	if h.log == nil {
 		h.log = slog.New(slog.DiscardHandler)
 	}
+	if h.m == nil {
+		h.m = metrics.New()
+	}
+	h.dropNoConn = h.m.MessagesDropped.WithLabelValues(metrics.DropNoConnection)
+	h.dropInvalid = h.m.MessagesDropped.WithLabelValues(metrics.DropInvalidJSON)
+	h.dropTooLarge = h.m.MessagesDropped.WithLabelValues(metrics.DropTooLarge)
 	for i := range h.shards {
 		h.shards[i].users = map[string][]Conn{}
 	}
@@ -122,9 +132,7 @@ func (h *Hub) Add(ctx context.Context, user string, c Conn) error {
 		c.LinkState(false)
 	}
 	s.mu.Unlock()
-	if h.m != nil {
-		h.m.ActiveConnections.Inc()
-	}
+	h.m.ActiveConnections.Inc()
 	select {
 	case <-ready:
 	case <-ctx.Done():
@@ -152,9 +160,7 @@ func (h *Hub) Remove(user string, c Conn) {
 	}
 	s.mu.Unlock()
 	h.total.Add(-1)
-	if h.m != nil {
-		h.m.ActiveConnections.Dec()
-	}
+	h.m.ActiveConnections.Dec()
 }
 
 // Count returns the number of registered connections.
@@ -169,11 +175,11 @@ func (h *Hub) HandleMessage(user string, payload []byte) {
 	h.m.MessagesReceived.Inc()
 	switch {
 	case len(payload) > h.opts.MaxMessageBytes:
-		h.m.MessagesDropped.WithLabelValues(metrics.DropTooLarge).Inc()
+		h.dropTooLarge.Inc()
 		h.log.Warn("dropped oversized message from redis", "bytes", len(payload), "limit", h.opts.MaxMessageBytes)
 		return
 	case !json.Valid(payload):
-		h.m.MessagesDropped.WithLabelValues(metrics.DropInvalidJSON).Inc()
+		h.dropInvalid.Inc()
 		h.log.Warn("dropped non-JSON message from redis", "bytes", len(payload))
 		return
 	}
@@ -189,7 +195,7 @@ func (h *Hub) HandleMessage(user string, payload []byte) {
 	}
 	s.mu.RUnlock()
 	if len(conns) == 0 {
-		h.m.MessagesDropped.WithLabelValues(metrics.DropNoConnection).Inc()
+		h.dropNoConn.Inc()
 	}
 }
 

@@ -1,0 +1,44 @@
+package devredis
+
+import (
+	"log/slog"
+	"strconv"
+	"testing"
+
+	"go.uber.org/goleak"
+
+	"github.com/huleedu/websocket-service/internal/broker"
+	"github.com/huleedu/websocket-service/internal/broker/brokertest"
+	"github.com/huleedu/websocket-service/internal/redistest"
+	"github.com/huleedu/websocket-service/notify"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// With nothing on the address, Resolve starts the embedded server, and the
+// Redis broker works against it (RESP2), as `go run` on a fresh machine does.
+func TestEmbeddedServerCarriesPubSub(t *testing.T) {
+	port, err := redistest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	url, m, err := Resolve(addr, slog.New(slog.DiscardHandler))
+	if err != nil || m == nil {
+		t.Fatalf("Resolve = %q, %v, %v; want an embedded server", url, m, err)
+	}
+	defer m.Close()
+	brokertest.Run(t, func(t testing.TB) (broker.Broker, brokertest.Publish) {
+		b, err := broker.NewRedis(broker.RedisOptions{Topology: broker.Topology{URL: url}, Prefix: "ws", RESP2: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b, func(_ testing.TB, topic string, payload []byte) {
+			m.Publish(notify.Channel("ws", topic), string(payload))
+		}
+	})
+	// A second Resolve finds the (now running) server and starts nothing.
+	if _, again, err := Resolve(addr, slog.New(slog.DiscardHandler)); err != nil || again != nil {
+		t.Fatalf("second Resolve started another server (%v)", err)
+	}
+}
