@@ -214,7 +214,8 @@ func TestInboundFramesAndKeepalive(t *testing.T) {
 
 func TestIdleClientIsClosed(t *testing.T) {
 	st := newStack(t, func(c *stackConfig) {
-		c.gw.PingInterval, c.gw.IdleTimeout, c.gw.SweepInterval = 50*time.Millisecond, 300*time.Millisecond, 20*time.Millisecond
+		c.gw.PingInterval, c.gw.IdleTimeout, c.gw.SweepInterval = 100*time.Millisecond, time.Second, 20*time.Millisecond
+		c.gw.CloseGrace = 500 * time.Millisecond
 	})
 	// A client that reads (and so answers pings) stays open past the timeout.
 	alive := st.dial("alive")

@@ -129,7 +129,7 @@ func TestRedisOutageDegradesAndRecovers(t *testing.T) {
 }
 
 func TestDeadLinkIsDetected(t *testing.T) {
-	st := newStack(t, func(c *stackConfig) { c.probe = 400 * time.Millisecond })
+	st := newStack(t, func(c *stackConfig) { c.probe = time.Second })
 	r := st.dial("p").readAll()
 
 	t.Run("subscriber connection killed", func(t *testing.T) {
@@ -141,9 +141,10 @@ func TestDeadLinkIsDetected(t *testing.T) {
 	})
 	t.Run("redis paused longer than the probe timeout", func(t *testing.T) {
 		st.redis.Pause()
-		eventually(t, 10*time.Second, "degraded (probe lost)", func() bool { return r.count("connection.degraded") == 2 })
+		// >= : a loaded machine may add a spurious probe loss of its own.
+		eventually(t, 10*time.Second, "degraded (probe lost)", func() bool { return r.count("connection.degraded") >= 2 })
 		st.redis.Resume()
-		eventually(t, 20*time.Second, "restored", func() bool { return r.count("connection.restored") == 2 })
+		eventually(t, 20*time.Second, "restored", func() bool { return r.count("connection.restored") >= 2 })
 	})
 	st.publish("p", `{"still":"delivered"}`)
 	eventually(t, 10*time.Second, "delivery after recovery", func() bool { return r.count("still") == 1 })
