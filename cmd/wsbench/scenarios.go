@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -140,6 +141,11 @@ func (b *bench) deliver(ctx context.Context, rate int) deliverRun {
 		}
 	}
 	expectedOf := make([]int32, total+1)
+	// Every connection open at the start should receive its user's messages
+	// for the whole run: one the server drops mid-run counts as losing them.
+	b.mu.Lock()
+	openOf := slices.Clone(b.connsOf)
+	b.mu.Unlock()
 	pad := strings.Repeat("x", max(0, b.o.Payload-70))
 	startStats, hasStats := b.serverStats()
 	start := time.Now()
@@ -187,7 +193,7 @@ func (b *bench) deliver(ctx context.Context, rate int) deliverRun {
 		for range due {
 			seq++
 			user := rand.IntN(b.o.Users)
-			expectedOf[seq] = b.connsOf[user]
+			expectedOf[seq] = openOf[user]
 			cmds = append(cmds, b.publishCmd(user, fmt.Sprintf(`{"event":"bench","data":{"s":%d,"t":%d,"p":"%s"}}`, seq, time.Now().UnixNano(), pad)))
 		}
 		b.mu.Unlock()
