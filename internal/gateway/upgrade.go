@@ -82,7 +82,9 @@ func (g *Gateway) reject(w http.ResponseWriter, r *http.Request, err error) {
 		return
 	}
 	raw := c.Conn
-	_ = raw.SetDeadline(time.Now().Add(g.opts.CloseGrace))
+	// Bounded tighter than CloseGrace: a flood of bad tokens must not hold
+	// handshake slots for long.
+	_ = raw.SetDeadline(time.Now().Add(min(g.opts.CloseGrace, time.Second)))
 	_ = c.WriteMessage(websocket.CloseMessage, reason.frame)
 	if tc, ok := raw.(*net.TCPConn); ok {
 		_ = tc.CloseWrite()
