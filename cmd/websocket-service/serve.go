@@ -105,6 +105,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 		MaxHandshakes: cfg.MaxHandshakes, PingInterval: cfg.PingInterval, IdleTimeout: cfg.IdleTimeout,
 		SendQueueMsgs: cfg.SendQueueMsgs, SendQueueBytes: cfg.SendQueueBytes,
 		RateLimit: cfg.RateLimit, RateBurst: cfg.RateBurst, CORSOrigins: cfg.CORSOrigins,
+		TrimAfter: 10 * time.Second,
 	}, h, b, auth, m, log.With("component", "gateway"))
 	if err != nil {
 		return err

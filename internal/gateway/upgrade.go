@@ -69,6 +69,7 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 	}
 	s.attach(conn)
 	g.m.ConnectionsOpened.Inc()
+	g.lastOpen.Store(time.Now().UnixNano())
 }
 
 // reject completes the handshake on the request's own goroutine, sends the
