@@ -225,3 +225,28 @@ func TestHelpAndVersion(t *testing.T) {
 		}
 	}
 }
+
+func TestListenPrintsNotifications(t *testing.T) {
+	redis := redistest.Start(t)
+	s := startServe(t, map[string]string{"REDIS_URL": redis.URL()})
+	out := &syncBuffer{}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	env := func(k string) string { return s.env[k] }
+	go func() { done <- run(ctx, []string{"listen", "--user", "watcher", "--url", s.url("ws")}, env, out, &syncBuffer{}) }()
+	// Publish until the listener is subscribed and prints the document.
+	waitFor(t, 10*time.Second, "listen prints the notification", func() bool {
+		var pub bytes.Buffer
+		_ = run(context.Background(), []string{"publish", "--user", "watcher", "--raw", `{"k":"v"}`}, env, &pub, &pub)
+		return strings.Contains(out.String(), `{"k":"v"}`+"\n")
+	})
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("listen returned %v after interrupt", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("listen did not stop on interrupt")
+	}
+}
