@@ -233,7 +233,9 @@ func TestListenPrintsNotifications(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	env := func(k string) string { return s.env[k] }
-	go func() { done <- run(ctx, []string{"listen", "--user", "watcher", "--url", s.url("ws")}, env, out, &syncBuffer{}) }()
+	go func() {
+		done <- run(ctx, []string{"listen", "--user", "watcher", "--url", s.url("ws")}, env, out, &syncBuffer{})
+	}()
 	// Publish until the listener is subscribed and prints the document.
 	waitFor(t, 10*time.Second, "listen prints the notification", func() bool {
 		var pub bytes.Buffer
