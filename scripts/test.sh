@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test with the race detector. Installs redis-server (Debian) when
 # missing: integration tests start their own redis-server processes on free
-# loopback ports and never use the Redis on 6379.
+# loopback ports and never use the Redis on 6379. Installs Debian's chromium
+# for the browser test when it can (that one test skips without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,14 @@ if ! command -v redis-server >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools
+fi
+
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "chromium not found: installing it with apt-get for TestBrowserSeesCloseCodes" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null 2>&1 ||
+    { $SUDO apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null 2>&1; } ||
+    echo "chromium could not be installed: the browser test will skip" >&2
 fi
 
 go test -race -count=1 -timeout 20m ./... "$@"
