@@ -547,7 +547,6 @@ func (r *ShardedRedisBroker) flush() {
 		for _, t := range subs[node] {
 			cmds = append(cmds, l.dc.B().Ssubscribe().Channel(notify.Channel(r.opts.Prefix, t)).Build())
 		}
-		r.log.Debug("flush", "node", node, "subscribe", len(subs[node]), "unsubscribe", len(unsubs[node]))
 		ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+5*time.Second)
 		results := l.dc.DoMulti(ctx, cmds...)
 		cancel()

@@ -2,6 +2,7 @@ package config
 
 import (
 	"errors"
+	"os"
 	"log/slog"
 	"strings"
 	"testing"
@@ -143,6 +144,19 @@ func TestRedisTopologies(t *testing.T) {
 	} {
 		if _, err := Load(e); err == nil || !strings.Contains(err.Error(), name) {
 			t.Errorf("%s: got %v", name, err)
+		}
+	}
+}
+
+// The README's configuration table names every variable Load reads.
+func TestReadmeDocumentsEveryVariable(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range Variables {
+		if !strings.Contains(string(readme), "`"+v.Name+"`") {
+			t.Errorf("README does not document %s", v.Name)
 		}
 	}
 }
