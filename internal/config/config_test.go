@@ -2,8 +2,8 @@ package config
 
 import (
 	"errors"
-	"os"
 	"log/slog"
+	"os"
 	"strings"
 	"testing"
 	"time"
