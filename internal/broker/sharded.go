@@ -216,18 +216,21 @@ func (r *ShardedRedisBroker) run() {
 		r.mu.Lock()
 		pending := len(r.dirty) > 0
 		r.mu.Unlock()
+		var soon <-chan time.Time // re-place pending topics once the topology is refreshed
 		if pending && !r.stale.Load() {
 			r.flush()
+		} else if pending {
+			soon = time.After(100 * time.Millisecond)
 		}
 		select {
+		case <-soon: // back to ensure: refresh, then flush
 		case <-r.stop:
 			return
 		case ev := <-r.events:
 			if l := r.links[ev.node]; l != nil && l.gen == ev.gen {
 				r.linkFailed(l, ev.err)
 			}
-		case <-r.kick:
-			r.flush()
+		case <-r.kick: // back to the top, which flushes
 		case now := <-tick.C:
 			r.probe(now)
 			if now.Sub(lastRefresh) >= r.opts.ProbeInterval {
@@ -555,13 +558,7 @@ func (r *ShardedRedisBroker) flush() {
 			if err := res.Error(); err != nil {
 				r.log.Debug("subscribe failed", "node", node, "error", err)
 				if strings.HasPrefix(err.Error(), "MOVED") || strings.Contains(err.Error(), "CROSSSLOT") {
-					r.stale.Store(true) // re-placed after the refresh, soon
-					time.AfterFunc(100*time.Millisecond, func() {
-						select {
-						case r.kick <- struct{}{}:
-						default:
-						}
-					})
+					r.stale.Store(true) // re-placed after the next refresh (the loop retries in 100 ms)
 					continue
 				}
 				r.linkFailed(l, err)
