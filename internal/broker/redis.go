@@ -63,9 +63,8 @@ type RedisBroker struct {
 	topics  map[string]*topicState
 	dirty   map[string]struct{}
 	up      bool
-	closed  bool
 	lastErr error
-	handler Handler
+	handler Handler // set on the loop goroutine before anything reads it
 
 	kick     chan struct{} // cap 1: dirty topics to flush
 	probeAck chan struct{} // cap 1: our probe came back
@@ -73,8 +72,7 @@ type RedisBroker struct {
 	probeWG  sync.WaitGroup
 	lastRecv atomic.Int64 // unix nanos of the last message on the link
 
-	stop chan struct{}
-	done chan struct{}
+	life loop
 }
 
 type topicState struct {
@@ -101,8 +99,7 @@ func NewRedis(opts RedisOptions) (*RedisBroker, error) {
 		kick:      make(chan struct{}, 1),
 		probeAck:  make(chan struct{}, 1),
 		probeErr:  make(chan error, 1),
-		stop:      make(chan struct{}),
-		done:      make(chan struct{}),
+		life:      newLoop(),
 	}, nil
 }
 
@@ -138,14 +135,10 @@ func unavailable(lastErr error) error {
 
 // Start implements Broker.
 func (r *RedisBroker) Start(h Handler) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.handler != nil {
-		return errors.New("broker: already started")
-	}
-	r.handler = h
-	go r.run()
-	return nil
+	return r.life.start(func() {
+		r.handler = h
+		r.run()
+	})
 }
 
 // Subscribe implements Broker.
@@ -158,7 +151,7 @@ func (r *RedisBroker) Subscribe(topic string) (<-chan struct{}, bool) {
 		r.topics[topic] = st
 	}
 	st.wanted = true
-	if st.active || !r.up || r.closed {
+	if st.active || !r.up || r.life.stopping() {
 		return closedChan, !r.up
 	}
 	if st.ready == nil {
@@ -220,17 +213,8 @@ func (r *RedisBroker) Check(ctx context.Context) error {
 
 // Close implements Broker.
 func (r *RedisBroker) Close() error {
-	r.mu.Lock()
-	if r.closed {
-		r.mu.Unlock()
+	if !r.life.close() {
 		return nil
-	}
-	r.closed = true
-	started := r.handler != nil
-	r.mu.Unlock()
-	close(r.stop)
-	if started {
-		<-r.done
 	}
 	r.probeWG.Wait()
 	if c := r.client.Load(); c != nil {
@@ -241,7 +225,6 @@ func (r *RedisBroker) Close() error {
 
 // run owns the pub/sub link for the broker's lifetime.
 func (r *RedisBroker) run() {
-	defer close(r.done)
 	var attempt int
 	var downSince time.Time
 	for {
@@ -252,7 +235,7 @@ func (r *RedisBroker) run() {
 			}
 			downSince = time.Time{}
 		})
-		if r.stopping() {
+		if r.life.stopping() {
 			return
 		}
 		if downSince.IsZero() {
@@ -261,7 +244,7 @@ func (r *RedisBroker) run() {
 		r.markDown(err)
 		attempt++
 		select {
-		case <-r.stop:
+		case <-r.life.stop:
 			return
 		case <-time.After(backoff(attempt)):
 		}
@@ -273,15 +256,6 @@ func backoff(attempt int) time.Duration {
 	ceil := 50 * time.Millisecond << min(attempt, 7)
 	ceil = min(ceil, 5*time.Second)
 	return ceil/2 + rand.N(ceil/2+1)
-}
-
-func (r *RedisBroker) stopping() bool {
-	select {
-	case <-r.stop:
-		return true
-	default:
-		return false
-	}
 }
 
 // connected runs one link lifetime: connect, re-subscribe everything, report
@@ -341,7 +315,7 @@ func (r *RedisBroker) connected(onUp func()) error {
 	var probeDeadline time.Time // zero: no probe outstanding
 	for {
 		select {
-		case <-r.stop:
+		case <-r.life.stop:
 			return nil
 		case err := <-wait:
 			if err == nil {

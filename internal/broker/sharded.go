@@ -42,15 +42,13 @@ type ShardedRedisBroker struct {
 	owner    []string // slot → node address; nil until the first refresh
 	links    map[string]*shardLink
 	allUp    bool
-	closed   bool
 	lastErr  error
 	handler  Handler
 	nodes    []string    // masters serving slots, from the last refresh
 	stale    atomic.Bool // topology must be refreshed
 	kick     chan struct{}
 	events   chan linkEvent
-	stop     chan struct{}
-	done     chan struct{}
+	life     loop
 	wg       sync.WaitGroup
 	nextGen  uint64
 	everUp   bool
@@ -95,20 +93,16 @@ func NewShardedRedis(opts RedisOptions) (*ShardedRedisBroker, error) {
 		topics:    map[string]*shardTopic{}, dirty: map[string]struct{}{}, links: map[string]*shardLink{},
 		clients: map[string]rueidis.Client{},
 		kick:    make(chan struct{}, 1), events: make(chan linkEvent, 16),
-		stop: make(chan struct{}), done: make(chan struct{}),
+		life: newLoop(),
 	}, nil
 }
 
 // Start implements Broker.
 func (r *ShardedRedisBroker) Start(h Handler) error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.handler != nil {
-		return errors.New("broker: already started")
-	}
-	r.handler = h
-	go r.run()
-	return nil
+	return r.life.start(func() {
+		r.handler = h
+		r.run()
+	})
 }
 
 // nodeOf returns the node serving topic's channel; r.mu is held.
@@ -129,7 +123,7 @@ func (r *ShardedRedisBroker) Subscribe(topic string) (<-chan struct{}, bool) {
 		r.topics[topic] = st
 	}
 	st.wanted = true
-	if st.node != "" || r.closed {
+	if st.node != "" || r.life.stopping() {
 		return closedChan, false
 	}
 	l := r.links[r.nodeOf(topic)]
@@ -174,25 +168,14 @@ func (r *ShardedRedisBroker) Check(ctx context.Context) error {
 
 // Close implements Broker.
 func (r *ShardedRedisBroker) Close() error {
-	r.mu.Lock()
-	if r.closed {
-		r.mu.Unlock()
-		return nil
+	if r.life.close() {
+		r.wg.Wait()
 	}
-	r.closed = true
-	started := r.handler != nil
-	r.mu.Unlock()
-	close(r.stop)
-	if started {
-		<-r.done
-	}
-	r.wg.Wait()
 	return nil
 }
 
 // run owns the client, the topology and every link.
 func (r *ShardedRedisBroker) run() {
-	defer close(r.done)
 	defer func() {
 		for _, l := range r.links {
 			r.closeLink(l)
@@ -224,7 +207,7 @@ func (r *ShardedRedisBroker) run() {
 		}
 		select {
 		case <-soon: // back to ensure: refresh, then flush
-		case <-r.stop:
+		case <-r.life.stop:
 			return
 		case ev := <-r.events:
 			if l := r.links[ev.node]; l != nil && l.gen == ev.gen {
@@ -428,7 +411,7 @@ func (r *ShardedRedisBroker) connect(l *shardLink) error {
 		}
 		select {
 		case r.events <- linkEvent{node: l.node, gen: gen, err: err}:
-		case <-r.stop:
+		case <-r.life.stop:
 		}
 	})
 	r.mu.Lock()
