@@ -9,10 +9,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/huleedu/websocket-service/internal/procgroup"
 	"github.com/huleedu/websocket-service/internal/redistest"
 )
 
@@ -20,9 +20,8 @@ const secret = "wsbench-test-secret-wsbench-test-secret"
 
 // gateway is a websocket-service process built from this module.
 type gateway struct {
-	cmd  *exec.Cmd
+	proc *procgroup.Group
 	url  string
-	done chan struct{}
 }
 
 func startGateway(t *testing.T, redisURL string) *gateway {
@@ -38,13 +37,16 @@ func startGateway(t *testing.T, redisURL string) *gateway {
 	cmd := exec.Command(bin, "serve")
 	cmd.Env = append(os.Environ(), "WEBSOCKET_HOST=127.0.0.1", fmt.Sprintf("WEBSOCKET_PORT=%d", port),
 		"REDIS_URL="+redisURL, "JWT_SECRET_KEY="+secret, "LOG_LEVEL=warn")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	proc, err := procgroup.Start(cmd)
+	if err != nil {
 		t.Fatal(err)
 	}
-	g := &gateway{cmd: cmd, url: fmt.Sprintf("ws://127.0.0.1:%d", port), done: make(chan struct{})}
-	go func() { _ = cmd.Wait(); close(g.done) }()
-	t.Cleanup(func() { _ = cmd.Process.Kill(); <-g.done })
+	g := &gateway{proc: proc, url: fmt.Sprintf("ws://127.0.0.1:%d", port)}
+	t.Cleanup(func() {
+		if err := proc.Kill(); err != nil {
+			t.Error(err)
+		}
+	})
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		if resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/healthz", port)); err == nil {
@@ -63,7 +65,7 @@ func testOptions(g *gateway, redisURL string) options {
 	return options{URL: g.url, Redis: redisURL, Prefix: "ws", Secret: secret, Conns: 50, Users: 20,
 		Concurrency: 16, Sources: 2, Rate: 200, Duration: 2 * time.Second, Drain: 3 * time.Second,
 		Hold: 200 * time.Millisecond, P99Bound: time.Second, Payload: 100,
-		ServerPids: fmt.Sprint(g.cmd.Process.Pid)}
+		ServerPids: fmt.Sprint(g.proc.Pid())}
 }
 
 func TestDeliverCountsEverything(t *testing.T) {
@@ -95,13 +97,21 @@ func TestDetectsLossWhenServerIsKilled(t *testing.T) {
 	}
 	defer b.close()
 	b.connectAll(context.Background())
+	stop, killed := make(chan struct{}), make(chan struct{})
 	go func() { // kill the server once deliveries are flowing
+		defer close(killed)
 		for b.latencyCount() < 50 {
-			time.Sleep(5 * time.Millisecond)
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
 		}
-		_ = g.cmd.Process.Kill()
+		_ = g.proc.Kill()
 	}()
 	r := b.deliver(context.Background(), 200)
+	close(stop)
+	<-killed
 	if r.Lost == 0 {
 		t.Fatalf("server killed mid-run but lost = 0: %+v", r)
 	}

@@ -1,16 +1,16 @@
 package gateway
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/huleedu/websocket-service/internal/browsertest"
 )
 
 // TestBrowserSeesCloseCodes opens WebSockets from headless Chromium and
@@ -18,10 +18,7 @@ import (
 // (the previous service refused the handshake instead, which browsers only
 // report as 1006), and that a notification reaches the page.
 func TestBrowserSeesCloseCodes(t *testing.T) {
-	chromium, err := exec.LookPath("chromium")
-	if err != nil {
-		t.Skip("chromium not installed (scripts/test.sh installs it with apt-get)")
-	}
+	browsertest.Path(t) // skip before starting anything when chromium is missing
 	st := newStack(t, func(c *stackConfig) { c.gw.MaxConnsPerUser = 1 })
 	reports := make(chan string, 1)
 	mux := http.NewServeMux()
@@ -39,17 +36,9 @@ func TestBrowserSeesCloseCodes(t *testing.T) {
 		st.publish("browser", `{"event":"essay_graded","data":{"id":"e1"}}`)
 	})
 	srv := httptest.NewServer(mux)
-	defer srv.Close()
+	t.Cleanup(srv.Close) // registered before Chromium's cleanup, so it runs after it
 
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	cmd := exec.CommandContext(ctx, chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-		"--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-		"--user-data-dir="+t.TempDir(), srv.URL+"/page")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cancel(); _ = cmd.Wait() }()
+	browsertest.Open(t, srv.URL+"/page")
 
 	var got map[string]string
 	select {

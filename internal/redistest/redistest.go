@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/huleedu/websocket-service/internal/procgroup"
 )
 
 // Server is one redis-server process.
@@ -23,8 +25,7 @@ type Server struct {
 	Port int
 	dir  string
 	args []string
-	cmd  *exec.Cmd
-	done chan struct{}
+	proc *procgroup.Group
 }
 
 // Start launches a standalone redis-server on a free port and registers its
@@ -64,14 +65,16 @@ func StartOnPort(dir string, port int, extraArgs ...string) (*Server, error) {
 }
 
 func (s *Server) launch() error {
-	s.cmd = exec.Command("redis-server", s.args...)
-	s.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := s.cmd.Start(); err != nil {
+	proc, err := procgroup.Start(exec.Command("redis-server", s.args...))
+	if err != nil {
 		return fmt.Errorf("start redis-server: %w", err)
 	}
-	s.done = make(chan struct{})
-	go func(cmd *exec.Cmd, done chan struct{}) { _ = cmd.Wait(); close(done) }(s.cmd, s.done)
-	return s.waitReady(10 * time.Second)
+	s.proc = proc
+	if err := s.waitReady(10 * time.Second); err != nil {
+		_ = proc.Kill()
+		return err
+	}
+	return nil
 }
 
 // Addr is host:port.
@@ -81,13 +84,13 @@ func (s *Server) Addr() string { return "127.0.0.1:" + strconv.Itoa(s.Port) }
 func (s *Server) URL() string { return "redis://" + s.Addr() }
 
 // Pid is the process id.
-func (s *Server) Pid() int { return s.cmd.Process.Pid }
+func (s *Server) Pid() int { return s.proc.Pid() }
 
 func (s *Server) waitReady(timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		select {
-		case <-s.done:
+		case <-s.proc.Done():
 			return fmt.Errorf("redis-server on port %d exited at start (see %s)", s.Port, s.dir)
 		default:
 		}
@@ -100,34 +103,26 @@ func (s *Server) waitReady(timeout time.Duration) error {
 	return fmt.Errorf("redis-server on port %d not ready after %s", s.Port, timeout)
 }
 
-// Kill sends SIGKILL and waits for the process to exit.
+// Kill sends SIGKILL to the server's process group (a fork for a rewrite
+// included) and waits until all of it is gone.
 func (s *Server) Kill() {
-	if s.cmd == nil || s.cmd.Process == nil {
+	if s.proc == nil {
 		return
 	}
-	_ = s.cmd.Process.Signal(syscall.SIGCONT)
-	_ = s.cmd.Process.Kill()
-	<-s.done
+	if err := s.proc.Kill(); err != nil {
+		panic(err) // a process that survives SIGKILL for 30 s: nothing sane to continue with
+	}
 }
 
 // Restart starts the server again on the same port, after Kill.
 func (s *Server) Restart() error { return s.launch() }
 
 // Pause stops the process (SIGSTOP); Resume continues it.
-func (s *Server) Pause()  { _ = s.cmd.Process.Signal(syscall.SIGSTOP) }
-func (s *Server) Resume() { _ = s.cmd.Process.Signal(syscall.SIGCONT) }
+func (s *Server) Pause()  { _ = s.proc.Signal(syscall.SIGSTOP) }
+func (s *Server) Resume() { _ = s.proc.Signal(syscall.SIGCONT) }
 
-// Stop kills the server; it is idempotent.
-func (s *Server) Stop() {
-	if s.done == nil {
-		return
-	}
-	select {
-	case <-s.done:
-	default:
-		s.Kill()
-	}
-}
+// Stop kills the server and waits for it; it is idempotent.
+func (s *Server) Stop() { s.Kill() }
 
 // Do sends one command (inline arguments, no spaces inside) and returns the
 // first line of the reply without its type byte; an error reply is an error.

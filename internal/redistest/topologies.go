@@ -196,11 +196,11 @@ func (c *Cluster) Stop() {
 
 // Alive reports whether the process is running.
 func (s *Server) Alive() bool {
-	if s.done == nil {
+	if s.proc == nil {
 		return false
 	}
 	select {
-	case <-s.done:
+	case <-s.proc.Done():
 		return false
 	default:
 		return true
