@@ -67,8 +67,6 @@ type RedisBroker struct {
 	handler Handler // set on the loop goroutine before anything reads it
 
 	kick     chan struct{} // cap 1: dirty topics to flush
-	probeAck chan struct{} // cap 1: our probe came back
-	probeErr chan error    // cap 1: publishing the probe failed
 	probeWG  sync.WaitGroup
 	lastRecv atomic.Int64 // unix nanos of the last message on the link
 
@@ -97,8 +95,6 @@ func NewRedis(opts RedisOptions) (*RedisBroker, error) {
 		topics:    map[string]*topicState{},
 		dirty:     map[string]struct{}{},
 		kick:      make(chan struct{}, 1),
-		probeAck:  make(chan struct{}, 1),
-		probeErr:  make(chan error, 1),
 		life:      newLoop(),
 	}, nil
 }
@@ -151,13 +147,19 @@ func (r *RedisBroker) Subscribe(topic string) (<-chan struct{}, bool) {
 		r.topics[topic] = st
 	}
 	st.wanted = true
-	if st.active || !r.up || r.life.stopping() {
+	if st.active || r.life.stopping() {
 		return closedChan, !r.up
+	}
+	// Marked dirty even while the link is down: the loop may have taken its
+	// snapshot of wanted topics for the resubscribe already, and this flag is
+	// what makes it subscribe the topic once the link is up.
+	r.markDirty(topic)
+	if !r.up {
+		return closedChan, true
 	}
 	if st.ready == nil {
 		st.ready = make(chan struct{})
 	}
-	r.markDirty(topic)
 	return st.ready, false
 }
 
@@ -278,7 +280,10 @@ func (r *RedisBroker) connected(onUp func()) error {
 		dc.Close() // never hand a possibly dead connection back to the pool: that would block on it
 		cancel()
 	}()
-	wait := dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: r.onMessage})
+	// Probe results belong to this link: a late answer to the previous link's
+	// probe lands in that link's channels, which nobody reads any more.
+	probeAck, probeErr := make(chan struct{}, 1), make(chan error, 1)
+	wait := dc.SetPubSubHooks(rueidis.PubSubHooks{OnMessage: func(m rueidis.PubSubMessage) { r.onMessage(m, probeAck) }})
 
 	r.mu.Lock()
 	all := make([]string, 0, len(r.topics))
@@ -326,9 +331,9 @@ func (r *RedisBroker) connected(onUp func()) error {
 			if err := r.flush(dc); err != nil {
 				return err
 			}
-		case <-r.probeAck:
+		case <-probeAck:
 			probeDeadline = time.Time{}
-		case err := <-r.probeErr:
+		case err := <-probeErr:
 			return fmt.Errorf("probe publish: %w", err)
 		case now := <-tick.C:
 			switch {
@@ -338,18 +343,18 @@ func (r *RedisBroker) connected(onUp func()) error {
 				// Published off the loop: a stalled server must not stall the
 				// loop, whose timer enforces the deadline.
 				probeDeadline = now.Add(r.opts.ProbeTimeout)
-				r.probeWG.Go(func() { r.publishProbe(client) })
+				r.probeWG.Go(func() { r.publishProbe(client, probeErr) })
 			}
 		}
 	}
 }
 
-func (r *RedisBroker) publishProbe(client rueidis.Client) {
+func (r *RedisBroker) publishProbe(client rueidis.Client, failed chan<- error) {
 	ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout)
 	defer cancel()
 	if err := client.Do(ctx, client.B().Publish().Channel(r.probeCh).Message("probe").Build()).Error(); err != nil {
 		select {
-		case r.probeErr <- err:
+		case failed <- err:
 		default:
 		}
 	}
@@ -444,17 +449,9 @@ func (r *RedisBroker) markDown(err error) {
 			delete(r.topics, t)
 		}
 	}
-	clear(r.dirty)
+	clear(r.dirty) // the next link subscribes every wanted topic
 	r.reportSubscriptions()
 	r.mu.Unlock()
-	select { // a stale ack must not satisfy the next link's probe
-	case <-r.probeAck:
-	default:
-	}
-	select {
-	case <-r.probeErr:
-	default:
-	}
 	if wasUp {
 		r.log.Warn("redis pub/sub link down", "error", err)
 		if r.obs != nil {
@@ -466,11 +463,11 @@ func (r *RedisBroker) markDown(err error) {
 	}
 }
 
-func (r *RedisBroker) onMessage(m rueidis.PubSubMessage) {
+func (r *RedisBroker) onMessage(m rueidis.PubSubMessage, probeAck chan<- struct{}) {
 	r.lastRecv.Store(time.Now().UnixNano())
 	if m.Channel == r.probeCh {
 		select {
-		case r.probeAck <- struct{}{}:
+		case probeAck <- struct{}{}:
 		default:
 		}
 		return

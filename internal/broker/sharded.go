@@ -35,12 +35,13 @@ type ShardedRedisBroker struct {
 	probeBase string
 
 	clients map[string]rueidis.Client // per node (one command connection each); owned by the loop
+	links   map[string]*shardLink     // per node; owned by the loop
 
 	mu       sync.Mutex
 	topics   map[string]*shardTopic
 	dirty    map[string]struct{}
-	owner    []string // slot → node address; nil until the first refresh
-	links    map[string]*shardLink
+	owner    []string        // slot → node address; nil until the first refresh
+	upNodes  map[string]bool // nodes whose link is up: the loop's links, as Subscribe may see them
 	allUp    bool
 	lastErr  error
 	handler  Handler
@@ -56,9 +57,10 @@ type ShardedRedisBroker struct {
 }
 
 type shardTopic struct {
-	wanted bool
-	node   string // node the topic is active on ("" = not active)
-	ready  chan struct{}
+	wanted   bool
+	node     string // node the topic is active on ("" = not active)
+	ready    chan struct{}
+	toldDown bool // the handler (or Subscribe's caller) was told it is down: report it up once active
 }
 
 type shardLink struct {
@@ -91,6 +93,7 @@ func NewShardedRedis(opts RedisOptions) (*ShardedRedisBroker, error) {
 		opts: opts, clientOpt: co, log: opts.Logger, obs: opts.Observer,
 		probeBase: "__wsgw_probe__:" + randomID(),
 		topics:    map[string]*shardTopic{}, dirty: map[string]struct{}{}, links: map[string]*shardLink{},
+		upNodes: map[string]bool{},
 		clients: map[string]rueidis.Client{},
 		kick:    make(chan struct{}, 1), events: make(chan linkEvent, 16),
 		life: newLoop(),
@@ -126,14 +129,16 @@ func (r *ShardedRedisBroker) Subscribe(topic string) (<-chan struct{}, bool) {
 	if st.node != "" || r.life.stopping() {
 		return closedChan, false
 	}
-	l := r.links[r.nodeOf(topic)]
-	if l == nil || !l.up {
+	// Marked dirty even while the node's link is down: the loop may be
+	// between its snapshot of the node's topics and the link coming up.
+	r.markDirty(topic)
+	if !r.upNodes[r.nodeOf(topic)] {
+		st.toldDown = true
 		return closedChan, true // subscribed when the node's link comes up
 	}
 	if st.ready == nil {
 		st.ready = make(chan struct{})
 	}
-	r.markDirty(topic)
 	return st.ready, false
 }
 
@@ -378,10 +383,17 @@ func (r *ShardedRedisBroker) refresh() error {
 	r.log.Debug("cluster topology refreshed", "masters", r.nodes)
 	r.mu.Lock()
 	r.owner = owner
-	for t, st := range r.topics { // a topic whose slot moved must be subscribed on its new owner
-		if st.node != "" && st.node != owner[Slot(notify.Channel(r.opts.Prefix, t))] {
+	for t, st := range r.topics {
+		switch {
+		case st.node != "" && st.node != owner[Slot(notify.Channel(r.opts.Prefix, t))]:
+			// Its slot moved: subscribe it on the new owner.
 			r.log.Debug("topic moved to another node", "from", st.node, "to", owner[Slot(notify.Channel(r.opts.Prefix, t))])
 			st.node = ""
+			r.markDirty(t)
+		case st.node == "" && st.wanted:
+			// Not placed yet (its owner was down, or it moved): its slot may
+			// now be on a node whose link is already up, whose connect() will
+			// not run again to pick it up.
 			r.markDirty(t)
 		}
 	}
@@ -438,11 +450,11 @@ func (r *ShardedRedisBroker) connect(l *shardLink) error {
 	confirmed := r.confirm(l.node, topics)
 	r.report()
 	r.mu.Unlock()
-	wasDown := l.attempt > 0 || r.everUp
-	l.up, l.attempt, l.deadline = true, 0, time.Time{}
+	r.setUp(l, true)
+	l.attempt, l.deadline = 0, time.Time{}
 	l.lastRecv.Store(time.Now().UnixNano())
 	r.log.Info("sharded pub/sub link up", "node", l.node, "subscribed", len(topics))
-	if wasDown && len(confirmed) > 0 {
+	if len(confirmed) > 0 {
 		r.handler.HandleLinkUp(confirmed)
 	}
 	return nil
@@ -459,8 +471,10 @@ func (r *ShardedRedisBroker) probeChannel(node string) string {
 }
 
 // confirm marks topics active on node and wakes their waiters; r.mu held.
+// It returns the wanted topics that had been reported down: the handler must
+// now hear they are up.
 func (r *ShardedRedisBroker) confirm(node string, topics []string) []string {
-	var out []string
+	var up []string
 	for _, t := range topics {
 		st := r.topics[t]
 		if st == nil {
@@ -472,13 +486,15 @@ func (r *ShardedRedisBroker) confirm(node string, topics []string) []string {
 			close(st.ready)
 			st.ready = nil
 		}
-		if !st.wanted {
+		switch {
+		case !st.wanted:
 			r.markDirty(t)
-		} else {
-			out = append(out, t)
+		case st.toldDown:
+			st.toldDown = false
+			up = append(up, t)
 		}
 	}
-	return out
+	return up
 }
 
 func (r *ShardedRedisBroker) report() {
@@ -497,6 +513,7 @@ func (r *ShardedRedisBroker) report() {
 // flush sends the subscription changes, per node, over the links that are up.
 func (r *ShardedRedisBroker) flush() {
 	subs, unsubs := map[string][]string{}, map[string][]string{}
+	var down []string // wanted, not placed, and their owner's link is down
 	r.mu.Lock()
 	for t := range r.dirty {
 		st := r.topics[t]
@@ -506,9 +523,15 @@ func (r *ShardedRedisBroker) flush() {
 			node := r.nodeOf(t)
 			if l := r.links[node]; l != nil && l.up {
 				subs[node] = append(subs[node], t)
-			} else if st.ready != nil { // the node's link is down: subscribed when it is back
-				close(st.ready)
-				st.ready = nil
+			} else { // subscribed by connect() when the node's link is back
+				if st.ready != nil {
+					close(st.ready)
+					st.ready = nil
+				}
+				if !st.toldDown {
+					st.toldDown = true
+					down = append(down, t)
+				}
 			}
 		case !st.wanted && st.node != "":
 			unsubs[st.node] = append(unsubs[st.node], t)
@@ -522,6 +545,12 @@ func (r *ShardedRedisBroker) flush() {
 	}
 	clear(r.dirty)
 	r.mu.Unlock()
+	if len(down) > 0 {
+		// Their connections may believe they are subscribed (a slot moved,
+		// or a waiter was released): say they are not, until connect()
+		// reports them up.
+		r.handler.HandleLinkDown(down)
+	}
 	for node, l := range r.links {
 		if !l.up || (len(subs[node]) == 0 && len(unsubs[node]) == 0) {
 			continue
@@ -537,27 +566,65 @@ func (r *ShardedRedisBroker) flush() {
 		results := l.dc.DoMulti(ctx, cmds...)
 		cancel()
 		var ok []string
+		var linkErr error
+		for _, res := range results[:len(unsubs[node])] {
+			if err := res.Error(); err != nil && linkErr == nil && !isRedirect(err) {
+				linkErr = err
+			}
+		}
 		for i, res := range results[len(unsubs[node]):] {
+			if linkErr != nil {
+				break
+			}
 			if err := res.Error(); err != nil {
 				r.log.Debug("subscribe failed", "node", node, "error", err)
-				if strings.HasPrefix(err.Error(), "MOVED") || strings.Contains(err.Error(), "CROSSSLOT") {
+				if isRedirect(err) {
 					r.stale.Store(true) // re-placed after the next refresh (the loop retries in 100 ms)
 					continue
 				}
-				r.linkFailed(l, err)
+				linkErr = err
 				break
 			}
 			ok = append(ok, subs[node][i])
 		}
+		if linkErr != nil {
+			// The pipeline broke: what it confirmed before the break is on a
+			// dead connection, so nothing of it is marked active. connect()
+			// subscribes every wanted topic of the node again; until then
+			// their connections are told the link is down.
+			r.linkFailed(l, linkErr)
+			var lost []string
+			r.mu.Lock()
+			for _, t := range subs[node] {
+				if st := r.topics[t]; st != nil && st.node == "" && st.wanted {
+					if st.ready != nil {
+						close(st.ready)
+						st.ready = nil
+					}
+					if !st.toldDown {
+						st.toldDown = true
+						lost = append(lost, t)
+					}
+				}
+			}
+			r.mu.Unlock()
+			if len(lost) > 0 {
+				r.handler.HandleLinkDown(lost)
+			}
+			continue
+		}
 		r.mu.Lock()
-		r.confirm(node, ok)
+		up := r.confirm(node, ok)
 		for _, t := range subs[node] {
 			if st := r.topics[t]; st != nil && st.node == "" && st.wanted {
-				r.dirty[t] = struct{}{} // not confirmed: retry after refresh/reconnect
+				r.dirty[t] = struct{}{} // redirected: re-placed after the refresh
 			}
 		}
 		r.report()
 		r.mu.Unlock()
+		if len(up) > 0 {
+			r.handler.HandleLinkUp(up)
+		}
 	}
 }
 
@@ -575,7 +642,8 @@ func (r *ShardedRedisBroker) linkFailed(l *shardLink, err error) {
 	for t, st := range r.topics {
 		if st.node == l.node {
 			st.node = ""
-			if st.wanted {
+			if st.wanted && wasUp {
+				st.toldDown = true
 				lost = append(lost, t)
 			}
 		}
@@ -604,7 +672,21 @@ func (r *ShardedRedisBroker) closeLink(l *shardLink) {
 		l.dc.Close()
 		l.cancel()
 	}
-	l.dc, l.cancel, l.up = nil, nil, false
+	l.dc, l.cancel = nil, nil
+	r.setUp(l, false)
+}
+
+// setUp records a link's state for the loop (l.up) and for Subscribe
+// (upNodes, under r.mu); r.mu is not held.
+func (r *ShardedRedisBroker) setUp(l *shardLink, up bool) {
+	l.up = up
+	r.mu.Lock()
+	if up {
+		r.upNodes[l.node] = true
+	} else {
+		delete(r.upNodes, l.node)
+	}
+	r.mu.Unlock()
 }
 
 // probe publishes a probe on every quiet link and fails links whose probe
@@ -633,6 +715,11 @@ func (r *ShardedRedisBroker) probe(now time.Time) {
 			})
 		}
 	}
+}
+
+// isRedirect reports a reply that says the slot is served elsewhere.
+func isRedirect(err error) bool {
+	return strings.HasPrefix(err.Error(), "MOVED") || strings.Contains(err.Error(), "CROSSSLOT")
 }
 
 func (r *ShardedRedisBroker) onMessage(l *shardLink, m rueidis.PubSubMessage) {

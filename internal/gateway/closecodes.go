@@ -51,6 +51,7 @@ var (
 	reasonAuthorization  = newReason(1008, "AUTHORIZATION_ERROR", "token subject does not match client_id", "authorization")
 	reasonQuota          = newReason(4000, "QUOTA_EXCEEDED", "too many connections for this user", "quota_exceeded")
 	reasonBusy           = newReason(1013, "SERVER_BUSY", "instance connection limit reached", "server_busy")
+	reasonSubscribeSlow  = newReason(1013, "SUBSCRIBE_TIMEOUT", "redis did not confirm the subscription in time; retry", "subscribe_timeout")
 	reasonUnsupported    = newReason(1003, "UNSUPPORTED_DATA", "binary frames are not supported", "unsupported_data")
 	reasonTooBig         = newReason(1009, "MESSAGE_TOO_BIG", "client frames are limited to 4096 bytes", "message_too_big")
 	reasonIdle           = newReason(1001, "IDLE_TIMEOUT", "nothing received within the idle timeout", "idle_timeout")
@@ -73,6 +74,8 @@ func closeFor(err error) *closeReason {
 		return reasonQuota
 	case errors.Is(err, hub.ErrServerBusy):
 		return reasonBusy
+	case errors.Is(err, hub.ErrSubscribeTimeout):
+		return reasonSubscribeSlow
 	case errors.Is(err, errBinaryFrame):
 		return reasonUnsupported
 	case errors.Is(err, errFrameTooBig):

@@ -328,21 +328,8 @@ func TestSlotMigrationSharded(t *testing.T) {
 				}
 			}
 		}
-		sourceID, _ := source.Do("CLUSTER", "MYID")
-		targetID, _ := target.Do("CLUSTER", "MYID")
-		s := fmt.Sprint(slot)
-		for _, step := range []struct {
-			node *redistest.Server
-			args []string
-		}{
-			{target, []string{"CLUSTER", "SETSLOT", s, "IMPORTING", sourceID}},
-			{source, []string{"CLUSTER", "SETSLOT", s, "MIGRATING", targetID}},
-			{target, []string{"CLUSTER", "SETSLOT", s, "NODE", targetID}},
-			{source, []string{"CLUSTER", "SETSLOT", s, "NODE", targetID}},
-		} {
-			if _, err := step.node.Do(step.args...); err != nil {
-				t.Fatalf("%v: %v", step.args, err)
-			}
+		if err := c.MoveSlot(slot, target); err != nil {
+			t.Fatal(err)
 		}
 		eventually(t, 10*time.Second, "slot owned by the target", func() bool {
 			owner, err := c.MasterOf(slot)

@@ -35,7 +35,7 @@ func FuzzInboundFrame(f *testing.F) {
 		if r := s.closeNow; r != nil && r != reasonAuthentication && r != reasonAuthorization {
 			t.Fatalf("closed with %s", r.ErrorCode)
 		}
-		for _, o := range s.queue[s.head:] {
+		for _, o := range s.queue.items[s.queue.head:] {
 			if !json.Valid(o.msg.Payload) {
 				t.Fatalf("sent invalid JSON %q", o.msg.Payload)
 			}
@@ -45,7 +45,7 @@ func FuzzInboundFrame(f *testing.F) {
 
 func TestCloseReasonsFitAControlFrame(t *testing.T) {
 	for _, r := range []*closeReason{reasonAuthentication, reasonAuthorization, reasonQuota, reasonBusy, reasonUnsupported,
-		reasonTooBig, reasonIdle, reasonShutdown, reasonInternal, reasonExpired, reasonSlow, reasonRateLimited} {
+		reasonTooBig, reasonIdle, reasonShutdown, reasonInternal, reasonExpired, reasonSlow, reasonRateLimited, reasonSubscribeSlow} {
 		if len(r.frame) > 125 || !json.Valid(r.frame[2:]) {
 			t.Errorf("%s: %d bytes", r.ErrorCode, len(r.frame))
 		}

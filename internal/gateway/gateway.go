@@ -214,10 +214,19 @@ func (g *Gateway) newUpgrader() *websocket.Upgrader {
 	u.OnMessage(g.onMessage)
 	u.OnClose(g.onClose)
 	u.SetPingHandler(func(c *websocket.Conn, data string) {
-		if s := sessionOf(c); s != nil {
-			s.lastSeen.Store(time.Now().UnixNano())
-			_ = s.writeControl(websocket.PongMessage, []byte(data))
+		s := sessionOf(c)
+		if s == nil {
+			return
 		}
+		now := time.Now().UnixNano()
+		s.lastSeen.Store(now)
+		// Pings spend the same budget as data frames: a flood is closed
+		// with 4003 instead of keeping the poller and the writer busy.
+		if !s.allowFrame(now) {
+			s.closeWith(errRateLimited)
+			return
+		}
+		s.answerPing(data)
 	})
 	u.SetPongHandler(func(c *websocket.Conn, _ string) {
 		if s := sessionOf(c); s != nil {
@@ -225,20 +234,8 @@ func (g *Gateway) newUpgrader() *websocket.Upgrader {
 		}
 	})
 	u.SetCloseHandler(func(c *websocket.Conn, code int, _ string) {
-		s := sessionOf(c)
-		if s == nil {
-			return
-		}
-		s.mu.Lock()
-		echo := !s.closed
-		s.closed, s.closing = true, true
-		s.mu.Unlock()
-		if echo { // the client started the close: answer it (nbio then drops the socket)
-			if code == 1005 || code < 1000 {
-				code = 1000
-			}
-			frame := []byte{byte(code >> 8), byte(code)}
-			_ = s.writeControl(websocket.CloseMessage, frame)
+		if s := sessionOf(c); s != nil {
+			s.echoClose(code) // the client started the close: the writer answers it
 		}
 	})
 	return u
@@ -309,7 +306,7 @@ func (g *Gateway) onClose(c *websocket.Conn, err error) {
 		return
 	}
 	s.mu.Lock()
-	wasClosing := s.closing
+	wasClosing := s.closing && !s.clientClosed
 	s.closed, s.closing = true, true
 	s.dropQueueLocked()
 	s.mu.Unlock()

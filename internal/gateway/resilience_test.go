@@ -278,13 +278,21 @@ func TestTokenExpiryAndRefresh(t *testing.T) {
 func TestRateLimit(t *testing.T) {
 	st := newStack(t, nil)
 	pinger := st.dial("ping")
-	for range 100 { // control frames do not count
+	for range 10 { // within the burst (20): pings are answered
 		if err := pinger.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(time.Second)); err != nil {
 			t.Fatal(err)
 		}
 	}
 	pinger.send(`{"type":"ping"}`)
 	pinger.nextEvent("pong")
+
+	pingFlood := st.dial("pingflood") // pings spend the same budget as data frames
+	for range 100 {
+		if err := pingFlood.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(time.Second)); err != nil {
+			break
+		}
+	}
+	pingFlood.expectClose(4003, "RATE_LIMITED")
 
 	flood := st.dial("flood")
 	for range 40 {

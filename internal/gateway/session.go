@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"encoding/binary"
+	"net"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -33,19 +34,25 @@ type session struct {
 	stalled   atomic.Bool  // waiting for pending to fall below flushThreshold
 	nextPing  int64        // owned by the sweeper goroutine
 
-	mu         sync.Mutex
-	queue      []outbound
-	head       int
-	queueBytes int
-	tokens     float64 // inbound rate limit bucket
-	tokensAt   int64
-	attached   bool
-	scheduled  bool
-	closing    bool         // no more deliveries
-	closeNow   *closeReason // close requested, performed by the writer
-	closed     bool         // nbio reported the socket closed
-	wantPing   bool
-	toldDown   bool // the client was told connection.degraded
+	mu           sync.Mutex
+	queue        sendQueue
+	queueBytes   int
+	tokens       float64 // inbound rate limit bucket
+	tokensAt     int64
+	attached     bool
+	scheduled    bool
+	closing      bool         // no more deliveries
+	closeNow     *closeReason // close requested, performed by the writer
+	closed       bool         // no further writes: the close frame is out or the socket is gone
+	wantPing     bool
+	pong         []byte // payload of the latest unanswered client ping (nil: none)
+	toldDown     bool   // the client was told connection.degraded
+	clientClosed bool   // the client sent the close frame
+
+	// wmu orders every write to the socket; after a close frame nothing
+	// more is written (RFC 6455 §5.5.1), whichever goroutine wrote it.
+	wmu         sync.Mutex
+	closeOnWire bool
 }
 
 // outbound is a queued frame: a shared message, or (close != nil) a close
@@ -129,13 +136,13 @@ func (s *session) enqueue(o outbound) {
 		return
 	}
 	n := len(o.msg.Payload)
-	if len(s.queue)-s.head >= s.gw.opts.SendQueueMsgs || s.queueBytes+n > s.gw.opts.SendQueueBytes {
+	if s.queue.len() >= s.gw.opts.SendQueueMsgs || s.queueBytes+n > s.gw.opts.SendQueueBytes {
 		s.mu.Unlock()
 		s.gw.m.MessagesDropped.WithLabelValues("slow_consumer").Inc()
 		s.closeWith(errSlowConsumer)
 		return
 	}
-	s.queue = append(s.queue, o)
+	s.queue.push(o)
 	s.queueBytes += n
 	sched := s.needScheduleLocked()
 	s.mu.Unlock()
@@ -150,7 +157,7 @@ func (s *session) needScheduleLocked() bool {
 	if !s.attached || s.scheduled || s.closed {
 		return false
 	}
-	if s.closeNow == nil && !s.wantPing && (s.head == len(s.queue) || s.stalled.Load()) {
+	if s.closeNow == nil && !s.wantPing && ((s.queue.len() == 0 && s.pong == nil) || s.stalled.Load()) {
 		return false
 	}
 	s.scheduled = true
@@ -184,7 +191,7 @@ func (s *session) closeAfterQueue(err error) {
 		return
 	}
 	s.closing = true
-	s.queue = append(s.queue, outbound{close: closeFor(err), msg: &hub.Message{}})
+	s.queue.push(outbound{close: closeFor(err), msg: &hub.Message{}})
 	sched := s.needScheduleLocked()
 	s.mu.Unlock()
 	if sched {
@@ -203,8 +210,40 @@ func (s *session) ping() {
 	}
 }
 
+// answerPing queues a pong for a client's ping. Pongs are coalesced (RFC
+// 6455 §5.5.3 allows answering only the latest ping) and written by the
+// writer like any frame, so they wait while the client does not read: a
+// client that floods pings and never reads costs at most one pending pong.
+func (s *session) answerPing(payload string) {
+	s.mu.Lock()
+	if s.closing || s.closed {
+		s.mu.Unlock()
+		return
+	}
+	s.pong = append(s.pong[:0], payload...)
+	sched := s.needScheduleLocked()
+	s.mu.Unlock()
+	if sched {
+		s.writer.schedule(s)
+	}
+}
+
+// echoClose answers a close the client started, on the poller goroutine
+// that read it: nbio drops the socket when the close handler returns.
+func (s *session) echoClose(code int) {
+	if code == 1005 || code < 1000 {
+		code = 1000
+	}
+	s.mu.Lock()
+	s.closed, s.closing, s.clientClosed = true, true, true
+	s.mu.Unlock()
+	_ = s.writeControl(websocket.CloseMessage, []byte{byte(code >> 8), byte(code)})
+}
+
 // run is called by the session's writer: perform a requested close, a
 // ping, then flush the queue until it is empty or the socket is backed up.
+// It is the only writer of the socket, so a close frame is always the last
+// frame.
 func (s *session) run() {
 	for {
 		s.mu.Lock()
@@ -228,15 +267,9 @@ func (s *session) run() {
 			s.writeControl(websocket.PingMessage, nil)
 			continue
 		}
-		if s.head == len(s.queue) {
+		if s.queue.len() == 0 && s.pong == nil {
 			s.scheduled = false
-			if cap(s.queue) > 64 {
-				s.queue = nil
-			} else {
-				clear(s.queue)
-				s.queue = s.queue[:0]
-			}
-			s.head = 0
+			s.queue.reset()
 			s.mu.Unlock()
 			return
 		}
@@ -249,9 +282,13 @@ func (s *session) run() {
 			}
 			s.stalled.Store(false)
 		}
-		o := s.queue[s.head]
-		s.queue[s.head] = outbound{}
-		s.head++
+		if p := s.pong; p != nil {
+			s.pong = nil
+			s.mu.Unlock()
+			_ = s.writeControl(websocket.PongMessage, p)
+			continue
+		}
+		o := s.queue.pop()
 		s.queueBytes -= len(o.msg.Payload)
 		if o.close != nil {
 			s.scheduled = false
@@ -270,16 +307,21 @@ func (s *session) run() {
 }
 
 func (s *session) dropQueueLocked() {
-	if n := len(s.queue) - s.head; n > 0 {
+	if n := s.queue.len(); n > 0 {
 		s.gw.m.MessagesDropped.WithLabelValues("connection_closed").Add(float64(n))
 	}
-	s.queue, s.head, s.queueBytes = nil, 0, 0
+	s.queue, s.queueBytes, s.pong = sendQueue{}, 0, nil
 }
 
 // writeFrame hands an encoded frame, shared with the user's other
 // connections, to nbio, which never blocks: what the kernel does not take is
 // buffered and flushed by the poller. Its bytes are accounted in pending.
 func (s *session) writeFrame(frame []byte) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if s.closeOnWire {
+		return net.ErrClosed
+	}
 	s.pending.Add(int64(len(frame)))
 	_, err := s.conn.Conn.Write(frame)
 	return err
@@ -287,6 +329,12 @@ func (s *session) writeFrame(frame []byte) error {
 
 // writeControl sends a control frame (ping, pong, close: payload < 126 bytes).
 func (s *session) writeControl(t websocket.MessageType, payload []byte) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if s.closeOnWire {
+		return net.ErrClosed
+	}
+	s.closeOnWire = t == websocket.CloseMessage
 	s.pending.Add(int64(2 + len(payload)))
 	return s.conn.WriteMessage(t, payload)
 }
@@ -316,7 +364,7 @@ func (s *session) onWritten(n int) {
 	}
 }
 
-// allowFrame applies the inbound token bucket; control frames do not count.
+// allowFrame applies the inbound token bucket to data frames and pings.
 func (s *session) allowFrame(now int64) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()

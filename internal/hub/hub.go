@@ -25,6 +25,10 @@ import (
 var (
 	ErrUserQuota  = errors.New("too many connections for this user")
 	ErrServerBusy = errors.New("instance connection limit reached")
+	// ErrSubscribeTimeout: the broker's link is up but did not confirm the
+	// subscription before ctx ended. Accepting the connection anyway would
+	// break the promise that what is published after it opens arrives.
+	ErrSubscribeTimeout = errors.New("subscription not confirmed in time")
 )
 
 // Message is one payload received from the broker, shared by every
@@ -107,8 +111,8 @@ func (h *Hub) shard(user string) *shard {
 // Add registers c for user, subscribing the user's topic if c is the user's
 // first local connection, and waits (bounded by ctx) until the subscription
 // is confirmed or the broker is known to be down. While the link is down, c
-// is told so at once. It fails with ErrUserQuota or ErrServerBusy, and then
-// nothing is subscribed.
+// is told so at once. It fails with ErrUserQuota, ErrServerBusy or (when ctx
+// ends first) ErrSubscribeTimeout, and then c is not registered.
 func (h *Hub) Add(ctx context.Context, user string, c Conn) error {
 	if h.opts.MaxConns > 0 && h.total.Add(1) > int64(h.opts.MaxConns) {
 		h.total.Add(-1)
@@ -135,9 +139,11 @@ func (h *Hub) Add(ctx context.Context, user string, c Conn) error {
 	h.m.ActiveConnections.Inc()
 	select {
 	case <-ready:
+		return nil
 	case <-ctx.Done():
+		h.Remove(user, c)
+		return ErrSubscribeTimeout
 	}
-	return nil
 }
 
 // Remove unregisters c; the user's topic is unsubscribed with its last

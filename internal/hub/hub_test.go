@@ -144,3 +144,26 @@ func BenchmarkFanOut(b *testing.B) {
 		h.HandleMessage("u", payload)
 	}
 }
+
+// stuckBroker confirms nothing: its link is up, but Redis never answers.
+type stuckBroker struct {
+	broker.Broker
+	unsubscribed []string
+}
+
+func (s *stuckBroker) Subscribe(string) (<-chan struct{}, bool) { return make(chan struct{}), false }
+func (s *stuckBroker) Unsubscribe(topic string)                 { s.unsubscribed = append(s.unsubscribed, topic) }
+
+func TestAddRefusesWhenTheSubscriptionIsNotConfirmed(t *testing.T) {
+	b := &stuckBroker{}
+	h := New(b, Options{MaxConnsPerUser: 5, MaxMessageBytes: 1 << 16, Metrics: metrics.New()})
+	h.HandleLinkUp(nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel() // the wait has ended before any confirmation
+	if err := h.Add(ctx, "u", &fakeConn{}); !errors.Is(err, ErrSubscribeTimeout) {
+		t.Fatalf("Add = %v, want ErrSubscribeTimeout", err)
+	}
+	if h.Count() != 0 || len(b.unsubscribed) != 1 {
+		t.Fatalf("count %d, unsubscribed %v: the refused connection must leave nothing behind", h.Count(), b.unsubscribed)
+	}
+}

@@ -160,10 +160,25 @@ func (c *Cluster) KeySlot(key string) (int, error) {
 // slotOwner reports whether n is the master serving slot (from CLUSTER
 // NODES as n sees itself).
 func (n *Server) slotOwner(slot int) (bool, error) {
-	nodes, err := n.Do("CLUSTER", "NODES")
+	ranges, err := n.ownSlots()
 	if err != nil {
 		return false, err
 	}
+	for _, r := range ranges {
+		if slot >= r[0] && slot <= r[1] {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// ownSlots lists the slot ranges n serves as master, as n sees itself.
+func (n *Server) ownSlots() ([][2]int, error) {
+	nodes, err := n.Do("CLUSTER", "NODES")
+	if err != nil {
+		return nil, err
+	}
+	var out [][2]int
 	for line := range strings.SplitSeq(nodes, "\n") {
 		f := strings.Fields(line)
 		if len(f) < 8 || !strings.Contains(f[2], "myself") || !strings.Contains(f[2], "master") {
@@ -179,12 +194,77 @@ func (n *Server) slotOwner(slot int) (bool, error) {
 			if found {
 				b, _ = strconv.Atoi(hi)
 			}
-			if slot >= a && slot <= b {
-				return true, nil
+			out = append(out, [2]int{a, b})
+		}
+	}
+	return out, nil
+}
+
+// Masters lists the live nodes that say they are masters.
+func (c *Cluster) Masters() []*Server {
+	var out []*Server
+	for _, n := range c.Nodes {
+		if !n.Alive() {
+			continue
+		}
+		if role, err := n.DoLines("ROLE"); err == nil && len(role) > 0 && role[0] == "master" {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// SlotOwners maps each slot to the live master serving it, as each master
+// sees itself (nil: no live master claims it).
+func (c *Cluster) SlotOwners() ([]*Server, error) {
+	owners := make([]*Server, 16384)
+	for _, n := range c.Masters() {
+		ranges, err := n.ownSlots()
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range ranges {
+			for s := r[0]; s <= r[1] && s < 16384; s++ {
+				owners[s] = n
 			}
 		}
 	}
-	return false, nil
+	return owners, nil
+}
+
+// MoveSlot hands an empty slot from its current master to target (the
+// IMPORTING/MIGRATING/NODE sequence of a resharding with no keys to move).
+func (c *Cluster) MoveSlot(slot int, target *Server) error {
+	source, err := c.MasterOf(slot)
+	if err != nil {
+		return err
+	}
+	if source == target {
+		return nil
+	}
+	sourceID, err := source.Do("CLUSTER", "MYID")
+	if err != nil {
+		return err
+	}
+	targetID, err := target.Do("CLUSTER", "MYID")
+	if err != nil {
+		return err
+	}
+	s := strconv.Itoa(slot)
+	for _, step := range []struct {
+		node *Server
+		args []string
+	}{
+		{target, []string{"CLUSTER", "SETSLOT", s, "IMPORTING", sourceID}},
+		{source, []string{"CLUSTER", "SETSLOT", s, "MIGRATING", targetID}},
+		{target, []string{"CLUSTER", "SETSLOT", s, "NODE", targetID}},
+		{source, []string{"CLUSTER", "SETSLOT", s, "NODE", targetID}},
+	} {
+		if _, err := step.node.Do(step.args...); err != nil {
+			return fmt.Errorf("%v: %w", step.args, err)
+		}
+	}
+	return nil
 }
 
 // Stop stops every node.
