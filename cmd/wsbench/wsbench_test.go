@@ -24,7 +24,7 @@ type gateway struct {
 	url  string
 }
 
-func startGateway(t *testing.T, redisURL string) *gateway {
+func startGateway(t *testing.T, redisURL string, extraEnv ...string) *gateway {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "websocket-service")
 	if out, err := exec.Command("go", "build", "-o", bin, "../websocket-service").CombinedOutput(); err != nil {
@@ -37,6 +37,7 @@ func startGateway(t *testing.T, redisURL string) *gateway {
 	cmd := exec.Command(bin, "serve")
 	cmd.Env = append(os.Environ(), "WEBSOCKET_HOST=127.0.0.1", fmt.Sprintf("WEBSOCKET_PORT=%d", port),
 		"REDIS_URL="+redisURL, "JWT_SECRET_KEY="+secret, "LOG_LEVEL=warn")
+	cmd.Env = append(cmd.Env, extraEnv...)
 	proc, err := procgroup.Start(cmd)
 	if err != nil {
 		t.Fatal(err)
