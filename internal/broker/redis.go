@@ -109,6 +109,11 @@ func (opts RedisOptions) prepare() (RedisOptions, rueidis.ClientOption, error) {
 	co.AlwaysRESP2 = opts.RESP2
 	co.ClientName = opts.ClientName
 	co.BlockingPoolSize = 1 // the dedicated pub/sub connection
+	// The loops own every retry: they reconnect and resubscribe. rueidis's
+	// own retry of a dedicated pipeline re-sends commands it has already
+	// recycled (a panic, "a command should be finished by calling Build()",
+	// seen when a link is killed during a large SSUBSCRIBE pipeline).
+	co.DisableRetry = true
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}

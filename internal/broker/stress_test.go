@@ -438,3 +438,84 @@ func TestStressShardedBrokerCluster(t *testing.T) {
 		check: clusterCheck(c, true),
 	})
 }
+
+// killDuringSubscribe is the reviewers' reproduction of lost subscriptions:
+// many wanted topics, the pub/sub links killed, and new topics subscribed
+// every half millisecond while the broker re-subscribes (or while a large
+// flush is in flight); afterwards Redis must hold exactly the wanted set.
+func killDuringSubscribe(t *testing.T, target stressTarget, kill func()) {
+	b := target.newBroker(t)
+	lt := &linkTracker{down: map[string]bool{}, wanted: map[string]bool{}, history: map[string][]string{}}
+	if err := b.Start(lt); err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	const preload = 40_000
+	for i := range preload { // not waited for: the flush pipelines are large
+		lt.subscribe(b, "many-"+strconv.Itoa(i))
+	}
+	kill()
+	for i := range 400 {
+		lt.subscribe(b, "late-"+strconv.Itoa(i))
+		time.Sleep(500 * time.Microsecond) // pacing, as the reproduction did
+		if i == 200 {
+			kill() // a second loss while the first resubscribe may be running
+		}
+	}
+	wanted := map[string]bool{}
+	lt.mu.Lock()
+	for k := range lt.wanted {
+		wanted[notify.Channel("ws", k)] = true
+	}
+	lt.mu.Unlock()
+	var err error
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if err = target.check(wanted); err == nil {
+			if down := lt.stillDown(); len(down) > 0 {
+				err = fmt.Errorf("%d topics reported down and never up again", len(down))
+			}
+		}
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatalf("30 s after the kills: %v", err)
+	}
+}
+
+func TestSubscribeDuringResubscribeStandalone(t *testing.T) {
+	srv := redistest.Start(t)
+	killDuringSubscribe(t, stressTarget{
+		newBroker: func(t *testing.T) broker.Broker {
+			b, err := broker.NewRedis(stressOptions(broker.Topology{URL: srv.URL()}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return b
+		},
+		check: func(wanted map[string]bool) error {
+			got := map[string]int{}
+			if err := subscriptionCounts(srv, false, got); err != nil {
+				return err
+			}
+			return compare(got, wanted)
+		},
+	}, func() { killPubSub(srv) })
+}
+
+func TestSubscribeDuringResubscribeSharded(t *testing.T) {
+	c := redistest.StartCluster(t, 2*time.Second)
+	killDuringSubscribe(t, stressTarget{
+		newBroker: func(t *testing.T) broker.Broker {
+			b, err := broker.NewShardedRedis(stressOptions(broker.Topology{ClusterNodes: c.Addrs()}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return b
+		},
+		check: clusterCheck(c, true),
+	}, func() { killPubSub(c.Nodes...) })
+}
