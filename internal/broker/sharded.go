@@ -77,6 +77,21 @@ type shardLink struct {
 	probeBack atomic.Bool
 }
 
+// markDown releases the topic's waiter (it is not subscribed now) and
+// records that its users are told it is down; it reports whether they must
+// be told (not already). r.mu is held.
+func (st *shardTopic) markDown() bool {
+	if st.ready != nil {
+		close(st.ready)
+		st.ready = nil
+	}
+	if st.toldDown {
+		return false
+	}
+	st.toldDown = true
+	return true
+}
+
 type linkEvent struct {
 	node string
 	gen  uint64
@@ -523,15 +538,8 @@ func (r *ShardedRedisBroker) flush() {
 			node := r.nodeOf(t)
 			if l := r.links[node]; l != nil && l.up {
 				subs[node] = append(subs[node], t)
-			} else { // subscribed by connect() when the node's link is back
-				if st.ready != nil {
-					close(st.ready)
-					st.ready = nil
-				}
-				if !st.toldDown {
-					st.toldDown = true
-					down = append(down, t)
-				}
+			} else if st.markDown() { // subscribed by connect() when the node's link is back
+				down = append(down, t)
 			}
 		case !st.wanted && st.node != "":
 			unsubs[st.node] = append(unsubs[st.node], t)
@@ -596,15 +604,8 @@ func (r *ShardedRedisBroker) flush() {
 			var lost []string
 			r.mu.Lock()
 			for _, t := range subs[node] {
-				if st := r.topics[t]; st != nil && st.node == "" && st.wanted {
-					if st.ready != nil {
-						close(st.ready)
-						st.ready = nil
-					}
-					if !st.toldDown {
-						st.toldDown = true
-						lost = append(lost, t)
-					}
+				if st := r.topics[t]; st != nil && st.node == "" && st.wanted && st.markDown() {
+					lost = append(lost, t)
 				}
 			}
 			r.mu.Unlock()

@@ -226,33 +226,37 @@ func stressOnce(t *testing.T, target stressTarget, seed uint64) {
 			t.Fatal(err)
 		}
 		// Quiet: the broker must converge to exactly the wanted set.
-		lt.mu.Lock()
-		wanted := make(map[string]bool, len(lt.wanted))
-		for k := range lt.wanted {
-			wanted[notify.Channel("ws", k)] = true
-		}
-		lt.mu.Unlock()
-		var lastErr error
-		deadline := time.Now().Add(30 * time.Second)
-		for {
-			lastErr = target.check(wanted)
-			if lastErr == nil {
-				if down := lt.stillDown(); len(down) > 0 {
-					lt.mu.Lock()
-					lastErr = fmt.Errorf("%d topics reported down and never up again, e.g. %s: %v", len(down), down[0], lt.history[down[0]])
-					lt.mu.Unlock()
-				}
-			}
-			if lastErr == nil || time.Now().After(deadline) {
-				break
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-		if lastErr != nil {
-			t.Fatalf("round %d: not converged 30 s after the quiet began: %v", round, lastErr)
+		if err := converge(target, lt); err != nil {
+			t.Fatalf("round %d: not converged 30 s after the quiet began: %v", round, err)
 		}
 	}
 	t.Logf("seed %d: %d rounds, %d subscribe/unsubscribe operations, %d preloaded topics", seed, rounds, ops, preload)
+}
+
+// converge waits up to 30 s for Redis to hold exactly the wanted topics
+// and for no wanted topic to be left reported down.
+func converge(target stressTarget, lt *linkTracker) error {
+	lt.mu.Lock()
+	wanted := make(map[string]bool, len(lt.wanted))
+	for k := range lt.wanted {
+		wanted[notify.Channel("ws", k)] = true
+	}
+	lt.mu.Unlock()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := target.check(wanted)
+		if err == nil {
+			if down := lt.stillDown(); len(down) > 0 {
+				lt.mu.Lock()
+				err = fmt.Errorf("%d topics reported down and never up again, e.g. %s: %v", len(down), down[0], lt.history[down[0]])
+				lt.mu.Unlock()
+			}
+		}
+		if err == nil || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // compare reports the differences between a count of subscriptions per
@@ -305,6 +309,16 @@ func subscriptionCounts(n *redistest.Server, sharded bool, got map[string]int) e
 	return nil
 }
 
+func standaloneCheck(srv *redistest.Server) func(map[string]bool) error {
+	return func(wanted map[string]bool) error {
+		got := map[string]int{}
+		if err := subscriptionCounts(srv, false, got); err != nil {
+			return err
+		}
+		return compare(got, wanted)
+	}
+}
+
 func killPubSub(nodes ...*redistest.Server) {
 	for _, n := range nodes {
 		if n.Alive() {
@@ -313,20 +327,29 @@ func killPubSub(nodes ...*redistest.Server) {
 	}
 }
 
-func stressOptions(top broker.Topology) broker.RedisOptions {
-	return broker.RedisOptions{Topology: top, Prefix: "ws", ProbeInterval: 500 * time.Millisecond, ProbeTimeout: 2 * time.Second}
+// newStressBroker makes a classic or sharded broker on top with a short
+// probe interval, so dead links and moved slots are noticed within a round.
+func newStressBroker(top broker.Topology, sharded bool) func(t *testing.T) broker.Broker {
+	return func(t *testing.T) broker.Broker {
+		opts := broker.RedisOptions{Topology: top, Prefix: "ws", ProbeInterval: 500 * time.Millisecond, ProbeTimeout: 2 * time.Second}
+		var b broker.Broker
+		var err error
+		if sharded {
+			b, err = broker.NewShardedRedis(opts)
+		} else {
+			b, err = broker.NewRedis(opts)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
 }
 
 func TestStressRedisBrokerStandalone(t *testing.T) {
 	srv := redistest.Start(t)
 	runStress(t, stressTarget{
-		newBroker: func(t *testing.T) broker.Broker {
-			b, err := broker.NewRedis(stressOptions(broker.Topology{URL: srv.URL()}))
-			if err != nil {
-				t.Fatal(err)
-			}
-			return b
-		},
+		newBroker: newStressBroker(broker.Topology{URL: srv.URL()}, false),
 		disrupt: []func(*testing.T, *rand.Rand, []string){
 			func(*testing.T, *rand.Rand, []string) { killPubSub(srv) },
 			func(*testing.T, *rand.Rand, []string) { killPubSub(srv) },
@@ -337,13 +360,7 @@ func TestStressRedisBrokerStandalone(t *testing.T) {
 				}
 			},
 		},
-		check: func(wanted map[string]bool) error {
-			got := map[string]int{}
-			if err := subscriptionCounts(srv, false, got); err != nil {
-				return err
-			}
-			return compare(got, wanted)
-		},
+		check: standaloneCheck(srv),
 	})
 }
 
@@ -394,13 +411,7 @@ func clusterCheck(c *redistest.Cluster, sharded bool) func(map[string]bool) erro
 func TestStressRedisBrokerClusterClassic(t *testing.T) {
 	c := redistest.StartCluster(t, 2*time.Second)
 	runStress(t, stressTarget{
-		newBroker: func(t *testing.T) broker.Broker {
-			b, err := broker.NewRedis(stressOptions(broker.Topology{ClusterNodes: c.Addrs()}))
-			if err != nil {
-				t.Fatal(err)
-			}
-			return b
-		},
+		newBroker: newStressBroker(broker.Topology{ClusterNodes: c.Addrs()}, false),
 		disrupt: []func(*testing.T, *rand.Rand, []string){
 			func(*testing.T, *rand.Rand, []string) { killPubSub(c.Nodes...) },
 			func(t *testing.T, rng *rand.Rand, _ []string) { restartNode(t, c, rng) },
@@ -412,13 +423,7 @@ func TestStressRedisBrokerClusterClassic(t *testing.T) {
 func TestStressShardedBrokerCluster(t *testing.T) {
 	c := redistest.StartCluster(t, 2*time.Second)
 	runStress(t, stressTarget{
-		newBroker: func(t *testing.T) broker.Broker {
-			b, err := broker.NewShardedRedis(stressOptions(broker.Topology{ClusterNodes: c.Addrs()}))
-			if err != nil {
-				t.Fatal(err)
-			}
-			return b
-		},
+		newBroker: newStressBroker(broker.Topology{ClusterNodes: c.Addrs()}, true),
 		disrupt: []func(*testing.T, *rand.Rand, []string){
 			func(*testing.T, *rand.Rand, []string) { killPubSub(c.Nodes...) },
 			func(t *testing.T, rng *rand.Rand, _ []string) { restartNode(t, c, rng) },
@@ -462,26 +467,7 @@ func killDuringSubscribe(t *testing.T, target stressTarget, kill func()) {
 			kill() // a second loss while the first resubscribe may be running
 		}
 	}
-	wanted := map[string]bool{}
-	lt.mu.Lock()
-	for k := range lt.wanted {
-		wanted[notify.Channel("ws", k)] = true
-	}
-	lt.mu.Unlock()
-	var err error
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if err = target.check(wanted); err == nil {
-			if down := lt.stillDown(); len(down) > 0 {
-				err = fmt.Errorf("%d topics reported down and never up again", len(down))
-			}
-		}
-		if err == nil || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	if err != nil {
+	if err := converge(target, lt); err != nil {
 		t.Fatalf("30 s after the kills: %v", err)
 	}
 }
@@ -489,33 +475,15 @@ func killDuringSubscribe(t *testing.T, target stressTarget, kill func()) {
 func TestSubscribeDuringResubscribeStandalone(t *testing.T) {
 	srv := redistest.Start(t)
 	killDuringSubscribe(t, stressTarget{
-		newBroker: func(t *testing.T) broker.Broker {
-			b, err := broker.NewRedis(stressOptions(broker.Topology{URL: srv.URL()}))
-			if err != nil {
-				t.Fatal(err)
-			}
-			return b
-		},
-		check: func(wanted map[string]bool) error {
-			got := map[string]int{}
-			if err := subscriptionCounts(srv, false, got); err != nil {
-				return err
-			}
-			return compare(got, wanted)
-		},
+		newBroker: newStressBroker(broker.Topology{URL: srv.URL()}, false),
+		check:     standaloneCheck(srv),
 	}, func() { killPubSub(srv) })
 }
 
 func TestSubscribeDuringResubscribeSharded(t *testing.T) {
 	c := redistest.StartCluster(t, 2*time.Second)
 	killDuringSubscribe(t, stressTarget{
-		newBroker: func(t *testing.T) broker.Broker {
-			b, err := broker.NewShardedRedis(stressOptions(broker.Topology{ClusterNodes: c.Addrs()}))
-			if err != nil {
-				t.Fatal(err)
-			}
-			return b
-		},
-		check: clusterCheck(c, true),
+		newBroker: newStressBroker(broker.Topology{ClusterNodes: c.Addrs()}, true),
+		check:     clusterCheck(c, true),
 	}, func() { killPubSub(c.Nodes...) })
 }
