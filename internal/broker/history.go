@@ -1,0 +1,203 @@
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/redis/rueidis"
+
+	"github.com/huleedu/websocket-service/notify"
+)
+
+// Why a replay could not be complete: the reasons of resume.incomplete.
+const (
+	ReasonTrimmed     = "trimmed"     // older than the retained window
+	ReasonReset       = "reset"       // history lost or recreated: another epoch
+	ReasonAhead       = "ahead"       // since is beyond the newest id
+	ReasonRollback    = "rollback"    // the entry at since's offset is another one: a failover lost the tail
+	ReasonInvalid     = "invalid"     // since cannot be parsed
+	ReasonUnavailable = "unavailable" // Redis could not be read
+)
+
+// readScript reads a history and its metadata at one instant.
+const readScript = `return {redis.call('HMGET', KEYS[2], 'e', 'o', 'c'), redis.call('LRANGE', KEYS[1], 0, -1)}`
+
+// History reads the per-user histories notify's publish.lua writes, over a
+// command connection of its own (a cluster client routes each read to the
+// slot owner). It is the read side of the history seam; the hub and the
+// gateway never see Redis keys.
+type History struct {
+	prefix    string
+	clientOpt rueidis.ClientOption
+	script    *rueidis.Lua
+
+	mu     sync.Mutex
+	client rueidis.Client // dialled on first use: Redis may be down at start
+}
+
+// NewHistory prepares a reader for the same Redis as a broker with opts.
+func NewHistory(opts RedisOptions) (*History, error) {
+	opts, co, err := opts.prepare()
+	if err != nil {
+		return nil, err
+	}
+	co.BlockingPoolSize = 0
+	co.ClientName = opts.ClientName
+	return &History{prefix: opts.Prefix, clientOpt: co, script: rueidis.NewLuaScript(readScript)}, nil
+}
+
+// Close releases the connection.
+func (h *History) Close() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.client != nil {
+		h.client.Close()
+		h.client = nil
+	}
+}
+
+func (h *History) conn() (rueidis.Client, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.client == nil {
+		opt := h.clientOpt
+		opt.InitAddress = slices.Clone(opt.InitAddress)
+		c, err := rueidis.NewClient(opt)
+		if err != nil {
+			return nil, err
+		}
+		h.client = c
+	}
+	return h.client, nil
+}
+
+// Replay is what a reader missed after since.
+type Replay struct {
+	// Entries are the stored payloads after since, oldest first,
+	// byte-identical to what was published live. Empty when Reason is set.
+	Entries [][]byte
+	// Last is the id the reader is complete up to: since, or the last entry.
+	Last notify.ID
+	// Reason is "" when Entries are complete, else one of the Reason values.
+	Reason string
+}
+
+// Since returns what topic's history holds after since.
+func (h *History) Since(ctx context.Context, topic, since string) Replay {
+	return h.SinceMany(ctx, []string{topic}, []string{since})[0]
+}
+
+// SinceMany reads many histories in one pipeline (one round trip per node).
+func (h *History) SinceMany(ctx context.Context, topics, since []string) []Replay {
+	out := make([]Replay, len(topics))
+	execs := make([]rueidis.LuaExec, 0, len(topics))
+	idx := make([]int, 0, len(topics))
+	for i, t := range topics {
+		id, ok := notify.ParseID(since[i])
+		if !ok {
+			out[i].Reason = ReasonInvalid
+			continue
+		}
+		out[i].Last = id
+		ch := notify.Channel(h.prefix, t)
+		execs = append(execs, rueidis.LuaExec{Keys: []string{notify.HistoryKey(ch), notify.MetaKey(ch)}})
+		idx = append(idx, i)
+	}
+	if len(execs) == 0 {
+		return out
+	}
+	c, err := h.conn()
+	if err != nil {
+		for _, i := range idx {
+			out[i].Reason = ReasonUnavailable
+		}
+		return out
+	}
+	for j, res := range h.script.ExecMulti(ctx, c, execs...) {
+		i := idx[j]
+		if err := decide(&out[i], res); err != nil {
+			out[i] = Replay{Last: out[i].Last, Reason: ReasonUnavailable}
+		}
+	}
+	return out
+}
+
+// errBadHistory marks a history this reader cannot parse.
+var errBadHistory = errors.New("malformed history entry")
+
+// decide compares since (r.Last) with the history read and fills r.
+func decide(r *Replay, res rueidis.RedisResult) error {
+	v, err := res.ToArray()
+	if err != nil || len(v) != 2 {
+		return fmt.Errorf("read history: %w", err)
+	}
+	meta, err := v[0].ToArray()
+	if err != nil || len(meta) != 3 {
+		return fmt.Errorf("read history meta: %w", err)
+	}
+	list, err := v[1].AsStrSlice()
+	if err != nil {
+		return fmt.Errorf("read history list: %w", err)
+	}
+	epoch, _ := meta[0].ToString()
+	newest, _ := meta[1].AsInt64()
+	newestCheck, _ := meta[2].ToString()
+	since := r.Last
+	switch {
+	case epoch == "" || epoch != since.Epoch:
+		r.Reason = ReasonReset
+		return nil
+	case since.Offset > newest:
+		r.Reason = ReasonAhead
+		return nil
+	case since.Offset == newest:
+		if since.Check != newestCheck {
+			r.Reason = ReasonRollback
+		}
+		return nil
+	}
+	for i, e := range list {
+		off, check, payload, err := splitEntry(e)
+		if err != nil {
+			return err
+		}
+		switch {
+		case off < since.Offset:
+			continue
+		case off == since.Offset:
+			if check != since.Check {
+				r.Reason = ReasonRollback
+				return nil
+			}
+			continue
+		case i == 0 && off > since.Offset+1:
+			r.Reason = ReasonTrimmed
+			return nil
+		}
+		r.Entries = append(r.Entries, []byte(payload))
+		r.Last = notify.ID{Epoch: epoch, Offset: off, Check: check}
+	}
+	if len(list) == 0 || r.Last.Offset < newest {
+		// Expired by age (nothing left), or entries missing at the end.
+		r.Entries, r.Last, r.Reason = nil, since, ReasonTrimmed
+	}
+	return nil
+}
+
+// splitEntry parses "<offset>|<ms>|<check>|<json>".
+func splitEntry(e string) (offset int64, check, payload string, err error) {
+	parts := strings.SplitN(e, "|", 4)
+	if len(parts) != 4 {
+		return 0, "", "", errBadHistory
+	}
+	offset, err = strconv.ParseInt(parts[0], 10, 64)
+	if err != nil {
+		return 0, "", "", errBadHistory
+	}
+	return offset, parts[2], parts[3], nil
+}
