@@ -47,7 +47,9 @@ type ID struct {
 }
 
 // String formats the id as it appears on the wire.
-func (id ID) String() string { return id.Epoch + "-" + strconv.FormatInt(id.Offset, 10) + "-" + id.Check }
+func (id ID) String() string {
+	return id.Epoch + "-" + strconv.FormatInt(id.Offset, 10) + "-" + id.Check
+}
 
 // ParseID parses an id; ok is false for anything publish.lua cannot have made.
 func ParseID(s string) (id ID, ok bool) {

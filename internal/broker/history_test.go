@@ -126,7 +126,7 @@ func TestHistoryIncompleteReasons(t *testing.T) {
 			t.Fatal(err)
 		}
 		f.expect("u", ids[2], broker.ReasonAhead, 0) // before offsets are reused
-		again := f.publish("u", 2)                  // offset 3 is reused by another notification
+		again := f.publish("u", 2)                   // offset 3 is reused by another notification
 		if id, _ := notify.ParseID(again[0]); id.Offset != 3 {
 			t.Fatalf("reused offset: %s", again[0])
 		}
