@@ -96,6 +96,11 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 	case <-ctx.Done():
 		return nil
 	}
+	hist, err := broker.NewHistory(ropts)
+	if err != nil {
+		return err
+	}
+	defer hist.Close()
 	auth, err := jwtauth.New(jwtauth.Options{Secret: cfg.JWTSecret, Algorithm: cfg.JWTAlgorithm, Audience: cfg.JWTAudience, Issuer: cfg.JWTIssuer})
 	if err != nil {
 		return err
@@ -105,7 +110,7 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 		MaxHandshakes: cfg.MaxHandshakes, PingInterval: cfg.PingInterval, IdleTimeout: cfg.IdleTimeout,
 		SendQueueMsgs: cfg.SendQueueMsgs, SendQueueBytes: cfg.SendQueueBytes,
 		RateLimit: cfg.RateLimit, RateBurst: cfg.RateBurst, CORSOrigins: cfg.CORSOrigins,
-		TrimAfter: 10 * time.Second,
+		TrimAfter: 10 * time.Second, History: hist,
 	}, h, b, auth, m, log.With("component", "gateway"))
 	if err != nil {
 		return err

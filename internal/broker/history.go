@@ -87,44 +87,61 @@ type Replay struct {
 	Reason string
 }
 
-// Since returns what topic's history holds after since.
+// Since returns what topic's history holds after since, as a client sent it.
 func (h *History) Since(ctx context.Context, topic, since string) Replay {
-	return h.SinceMany(ctx, []string{topic}, []string{since})[0]
+	id, ok := notify.ParseID(since)
+	if !ok {
+		return Replay{Reason: ReasonInvalid}
+	}
+	return h.SinceMany(ctx, []string{topic}, []notify.ID{id})[0]
 }
 
 // SinceMany reads many histories in one pipeline (one round trip per node).
-func (h *History) SinceMany(ctx context.Context, topics, since []string) []Replay {
+// A zero id means "the history was empty": everything it holds now is new.
+func (h *History) SinceMany(ctx context.Context, topics []string, since []notify.ID) []Replay {
 	out := make([]Replay, len(topics))
-	execs := make([]rueidis.LuaExec, 0, len(topics))
-	idx := make([]int, 0, len(topics))
+	execs := make([]rueidis.LuaExec, len(topics))
 	for i, t := range topics {
-		id, ok := notify.ParseID(since[i])
-		if !ok {
-			out[i].Reason = ReasonInvalid
-			continue
-		}
-		out[i].Last = id
+		out[i].Last = since[i]
 		ch := notify.Channel(h.prefix, t)
-		execs = append(execs, rueidis.LuaExec{Keys: []string{notify.HistoryKey(ch), notify.MetaKey(ch)}})
-		idx = append(idx, i)
+		execs[i] = rueidis.LuaExec{Keys: []string{notify.HistoryKey(ch), notify.MetaKey(ch)}}
 	}
 	if len(execs) == 0 {
 		return out
 	}
 	c, err := h.conn()
 	if err != nil {
-		for _, i := range idx {
+		for i := range out {
 			out[i].Reason = ReasonUnavailable
 		}
 		return out
 	}
-	for j, res := range h.script.ExecMulti(ctx, c, execs...) {
-		i := idx[j]
+	for i, res := range h.script.ExecMulti(ctx, c, execs...) {
 		if err := decide(&out[i], res); err != nil {
 			out[i] = Replay{Last: out[i].Last, Reason: ReasonUnavailable}
 		}
 	}
 	return out
+}
+
+// Newest returns the id of the newest notification in topic's history, or
+// the zero id when there is none: where a new connection starts.
+func (h *History) Newest(ctx context.Context, topic string) (notify.ID, error) {
+	c, err := h.conn()
+	if err != nil {
+		return notify.ID{}, err
+	}
+	v, err := c.Do(ctx, c.B().Hmget().Key(notify.MetaKey(notify.Channel(h.prefix, topic))).Field("e", "o", "c").Build()).ToArray()
+	if err != nil || len(v) != 3 {
+		return notify.ID{}, fmt.Errorf("read history meta: %w", err)
+	}
+	epoch, _ := v[0].ToString()
+	offset, _ := v[1].AsInt64()
+	check, _ := v[2].ToString()
+	if epoch == "" || offset < 1 {
+		return notify.ID{}, nil
+	}
+	return notify.ID{Epoch: epoch, Offset: offset, Check: check}, nil
 }
 
 // errBadHistory marks a history this reader cannot parse.
@@ -148,6 +165,12 @@ func decide(r *Replay, res rueidis.RedisResult) error {
 	newest, _ := meta[1].AsInt64()
 	newestCheck, _ := meta[2].ToString()
 	since := r.Last
+	if since.Epoch == "" { // empty when the reader started: all of this epoch is new
+		if epoch == "" {
+			return nil
+		}
+		since = notify.ID{Epoch: epoch}
+	}
 	switch {
 	case epoch == "" || epoch != since.Epoch:
 		r.Reason = ReasonReset

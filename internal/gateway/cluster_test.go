@@ -124,8 +124,8 @@ func TestThreeInstancesOnCluster(t *testing.T) {
 			for i := range 3 {
 				name := fmt.Sprintf("gw%d-%v", i, sharded)
 				for node, n := range connectionsPerNode(t, c.Nodes, name) {
-					if n > 2 {
-						t.Fatalf("instance %s holds %d connections to %s, want <= 2", name, n, node)
+					if n > 3 { // pub/sub, commands (probes), history reads
+						t.Fatalf("instance %s holds %d connections to %s, want <= 3", name, n, node)
 					}
 				}
 			}

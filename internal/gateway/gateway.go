@@ -54,6 +54,10 @@ type Options struct {
 	// upgrades, return the wave's garbage and handshake stacks to the OS
 	// (one forced GC per wave). 0 disables it.
 	TrimAfter time.Duration
+	// History reads users' notification histories for resume (since=) and
+	// for repair after a Redis outage; nil answers every since with
+	// resume.incomplete "unavailable".
+	History *broker.History
 }
 
 // Gateway serves the WebSocket and health endpoints.
@@ -75,8 +79,9 @@ type Gateway struct {
 
 	onText func([]byte) // test hook, nil in production
 
-	stopSweep chan struct{}
-	wg        sync.WaitGroup
+	repairs *repairQueue
+	stop    chan struct{} // ends the sweeper and the repair loop
+	wg      sync.WaitGroup
 }
 
 // New builds a Gateway and starts its engine, writers and sweeper; Shutdown
@@ -95,7 +100,8 @@ func New(opts Options, h *hub.Hub, b broker.Broker, auth *jwtauth.Validator, m *
 		opts: opts, log: log, m: m, hub: h, broker: b, auth: auth,
 		handshake: make(chan struct{}, max(opts.MaxHandshakes, 1)),
 		started:   time.Now(),
-		stopSweep: make(chan struct{}),
+		repairs:   &repairQueue{wake: make(chan struct{}, 1)},
+		stop:      make(chan struct{}),
 	}
 	g.engine = nbhttp.NewEngine(nbhttp.Config{
 		Name:                         "websocket-service",
@@ -125,6 +131,7 @@ func New(opts Options, h *hub.Hub, b broker.Broker, auth *jwtauth.Validator, m *
 	g.rejecter.CheckOrigin = func(*http.Request) bool { return true }
 	g.writers = newWriterPool(runtime.GOMAXPROCS(0))
 	g.wg.Go(g.sweep)
+	g.wg.Go(g.repairLoop)
 	return g, nil
 }
 
@@ -166,7 +173,7 @@ func (g *Gateway) CloseAll(ctx context.Context) error {
 // Close stops the sweeper, the writers and the engine (dropping any socket
 // still open) and waits for them.
 func (g *Gateway) Close() {
-	close(g.stopSweep)
+	close(g.stop)
 	g.wg.Wait()
 	g.writers.close()
 	g.engine.Stop()
@@ -180,7 +187,7 @@ func (g *Gateway) sweep() {
 	var trimmed int64 // lastOpen value of the last trim
 	for {
 		select {
-		case <-g.stopSweep:
+		case <-g.stop:
 			return
 		case now := <-t.C:
 			n := now.UnixNano()

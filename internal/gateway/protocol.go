@@ -33,10 +33,6 @@ func degradedFrame(now time.Time) []byte {
 	return eventFrame("connection.degraded", "reason", "redis_unavailable", "timestamp", rfc3339(now))
 }
 
-func restoredFrame(now time.Time) []byte {
-	return eventFrame("connection.restored", "timestamp", rfc3339(now))
-}
-
 func refreshedFrame(exp time.Time) []byte {
 	return eventFrame("token.refreshed", "expires_at", rfc3339(exp))
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/lesismal/nbio/nbhttp/websocket"
 
 	"github.com/huleedu/websocket-service/internal/hub"
+	"github.com/huleedu/websocket-service/notify"
 )
 
 // flushThreshold bounds the bytes a session hands to nbio that the kernel has
@@ -46,8 +47,15 @@ type session struct {
 	closed       bool         // no further writes: the close frame is out or the socket is gone
 	wantPing     bool
 	pong         []byte // payload of the latest unanswered client ping (nil: none)
+	repairGen    uint32 // counts repairs, so a late result of an abandoned one is ignored
 	toldDown     bool   // the client was told connection.degraded
 	clientClosed bool   // the client sent the close frame
+	// lastID is the newest history id this connection has (nil: unknown),
+	// where a repair after a Redis outage starts from.
+	lastID *notify.ID
+	// hold, while a replay from history is being prepared, keeps every
+	// frame in arrival order; the replay goes out first (replay.go).
+	hold *holdState
 
 	// wmu orders every write to the socket; after a close frame nothing
 	// more is written (RFC 6455 §5.5.1), whichever goroutine wrote it.
@@ -107,6 +115,9 @@ func (s *session) Deliver(m *hub.Message) {
 }
 
 // LinkState implements hub.Conn: tell the client about each change once.
+// Coming back up, a connection that has a history position is repaired
+// first: what it missed is replayed, then connection.restored says whether
+// that was complete (replay.go).
 func (s *session) LinkState(up bool) {
 	s.mu.Lock()
 	if s.toldDown != up { // no change to report
@@ -114,12 +125,22 @@ func (s *session) LinkState(up bool) {
 		return
 	}
 	s.toldDown = !up
+	if !up && s.hold != nil && s.hold.repair {
+		s.releaseHoldLocked(nil) // the repair cannot finish now: deliver what it held
+	}
+	repair := up && s.hold == nil && s.lastID != nil && s.gw.opts.History != nil && !s.closing
+	if repair {
+		s.repairGen++
+		s.hold = &holdState{repair: true, gen: s.repairGen}
+	}
 	s.mu.Unlock()
-	now := time.Now()
-	if up {
-		s.send(restoredFrame(now))
-	} else {
-		s.send(degradedFrame(now))
+	switch {
+	case repair:
+		s.gw.repairs.add(s)
+	case up:
+		s.send(restoredFrame(time.Now(), false))
+	default:
+		s.send(degradedFrame(time.Now()))
 	}
 }
 
@@ -135,20 +156,43 @@ func (s *session) enqueue(o outbound) {
 		s.gw.m.MessagesDropped.WithLabelValues("connection_closed").Inc()
 		return
 	}
-	n := len(o.msg.Payload)
-	if s.queue.len() >= s.gw.opts.SendQueueMsgs || s.queueBytes+n > s.gw.opts.SendQueueBytes {
+	if s.hold != nil {
+		if len(s.hold.held) >= s.gw.opts.SendQueueMsgs {
+			s.mu.Unlock()
+			s.gw.m.MessagesDropped.WithLabelValues("slow_consumer").Inc()
+			s.closeWith(errSlowConsumer)
+			return
+		}
+		s.hold.held = append(s.hold.held, o.msg)
+		s.mu.Unlock()
+		return
+	}
+	if !s.pushLocked(o) {
 		s.mu.Unlock()
 		s.gw.m.MessagesDropped.WithLabelValues("slow_consumer").Inc()
 		s.closeWith(errSlowConsumer)
 		return
 	}
-	s.queue.push(o)
-	s.queueBytes += n
 	sched := s.needScheduleLocked()
 	s.mu.Unlock()
 	if sched {
 		s.writer.schedule(s)
 	}
+}
+
+// pushLocked appends o to the send queue within its bounds (false: full)
+// and records the newest history id queued.
+func (s *session) pushLocked(o outbound) bool {
+	n := len(o.msg.Payload)
+	if s.queue.len() >= s.gw.opts.SendQueueMsgs || s.queueBytes+n > s.gw.opts.SendQueueBytes {
+		return false
+	}
+	s.queue.push(o)
+	s.queueBytes += n
+	if o.msg.ID != nil {
+		s.lastID = o.msg.ID
+	}
+	return true
 }
 
 // needScheduleLocked marks the session scheduled when it has work and is not
@@ -189,6 +233,9 @@ func (s *session) closeAfterQueue(err error) {
 	if s.closing || s.closed {
 		s.mu.Unlock()
 		return
+	}
+	if s.hold != nil {
+		s.releaseHoldLocked(nil) // nothing accepted before the shutdown is lost
 	}
 	s.closing = true
 	s.queue.push(outbound{close: closeFor(err), msg: &hub.Message{}})

@@ -40,15 +40,16 @@ const testSecret = "test-secret-test-secret-test-secret!"
 
 // stack is the service wired as serve wires it, on a test HTTP server.
 type stack struct {
-	t      testing.TB
-	redis  *redistest.Server
-	broker broker.Broker
-	hub    *hub.Hub
-	gw     *Gateway
-	auth   *jwtauth.Validator
-	m      *metrics.Metrics
-	http   *httptest.Server
-	wsURL  string
+	t       testing.TB
+	redis   *redistest.Server
+	broker  broker.Broker
+	hub     *hub.Hub
+	gw      *Gateway
+	auth    *jwtauth.Validator
+	m       *metrics.Metrics
+	http    *httptest.Server
+	history *broker.History
+	wsURL   string
 }
 
 type stackConfig struct {
@@ -116,6 +117,13 @@ func newStack(t testing.TB, mutate func(*stackConfig)) *stack {
 		t.Fatal(err)
 	}
 	cfg.gw.RedisAddress = topo.Describe()
+	if cfg.gw.History == nil {
+		cfg.gw.History, err = broker.NewHistory(ropts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st.history = cfg.gw.History
+	}
 	st.gw, err = New(cfg.gw, st.hub, b, st.auth, st.m, log)
 	if err != nil {
 		t.Fatal(err)
@@ -135,6 +143,9 @@ func (st *stack) close() {
 	_ = st.gw.CloseAll(ctx)
 	_ = st.broker.Close()
 	st.gw.Close()
+	if st.history != nil {
+		st.history.Close()
+	}
 }
 
 func (st *stack) token(sub string, ttl time.Duration) string {

@@ -53,12 +53,23 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s := newSession(g, id.UserID, id.ExpiresAt)
+	since, resume := r.URL.Query()["since"]
+	if resume {
+		s.hold = &holdState{} // live frames wait behind the replay
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), g.opts.SubscribeWait)
 	err = g.hub.Add(ctx, id.UserID, s)
 	cancel()
 	if err != nil {
 		g.reject(w, r, err)
 		return
+	}
+	// Subscribed: whatever is published from now on reaches s, so reading
+	// the history now leaves no gap.
+	if resume {
+		g.resume(r.Context(), s, since[0])
+	} else {
+		g.position(r.Context(), s)
 	}
 	conn, err := g.upgrader.UpgradeAndTransferConnToPoller(w, r, nil)
 	if err != nil {

@@ -19,6 +19,7 @@ import (
 
 	"github.com/huleedu/websocket-service/internal/broker"
 	"github.com/huleedu/websocket-service/internal/metrics"
+	"github.com/huleedu/websocket-service/notify"
 )
 
 // Errors returned by Add.
@@ -35,7 +36,8 @@ var (
 // connection it is delivered to (it is never copied per connection).
 type Message struct {
 	Payload    []byte
-	Frame      []byte // Options.Encode(Payload): what connections write, encoded once
+	Frame      []byte     // Options.Encode(Payload): what connections write, encoded once
+	ID         *notify.ID // the history id publish.lua put first in Payload; nil without history
 	ReceivedAt time.Time
 }
 
@@ -190,6 +192,9 @@ func (h *Hub) HandleMessage(user string, payload []byte) {
 		return
 	}
 	msg := &Message{Payload: payload, Frame: payload, ReceivedAt: time.Now()}
+	if id, ok := notify.PayloadID(payload); ok {
+		msg.ID = &id
+	}
 	if h.opts.Encode != nil {
 		msg.Frame = h.opts.Encode(payload)
 	}

@@ -27,6 +27,9 @@ type Metrics struct {
 	RedisLinkUp         prometheus.Gauge
 	RedisOutages        prometheus.Counter
 	RedisLastOutage     prometheus.Gauge
+	Resumes             *prometheus.CounterVec // outcome: complete or a resume.incomplete reason
+	Replayed            prometheus.Counter
+	Repairs             *prometheus.CounterVec // outcome: complete, incomplete
 }
 
 // Drop reasons.
@@ -73,10 +76,17 @@ func New() *Metrics {
 			Name: "websocket_redis_outages_total", Help: "Times the Redis pub/sub link went down."}),
 		RedisLastOutage: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "websocket_redis_last_outage_seconds", Help: "Duration of the last completed Redis outage."}),
+		Resumes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "websocket_resumes_total", Help: "Connections opened with since, by outcome (complete or the resume.incomplete reason)."}, []string{"outcome"}),
+		Replayed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "websocket_messages_replayed_total", Help: "History entries sent to connections (resume and repair)."}),
+		Repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "websocket_repairs_total", Help: "Connections repaired from history after a Redis outage, by outcome."}, []string{"outcome"}),
 	}
 	for _, c := range []prometheus.Collector{m.ActiveConnections, m.ConnectionsOpened, m.ConnectionsRejected,
 		m.ConnectionsClosed, m.MessagesReceived, m.MessagesDelivered, m.MessagesDropped, m.Subscriptions,
-		m.JWTValidations, m.DeliveryLatency, m.RedisLinkUp, m.RedisOutages, m.RedisLastOutage} {
+		m.JWTValidations, m.DeliveryLatency, m.RedisLinkUp, m.RedisOutages, m.RedisLastOutage,
+		m.Resumes, m.Replayed, m.Repairs} {
 		f(c)
 	}
 	return m

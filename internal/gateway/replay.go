@@ -1,0 +1,254 @@
+package gateway
+
+import (
+	"context"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/huleedu/websocket-service/internal/broker"
+	"github.com/huleedu/websocket-service/internal/hub"
+	"github.com/huleedu/websocket-service/notify"
+)
+
+// Replays from history happen at two moments: when a client connects with
+// since=<last id it saw> (resume), and when the Redis link comes back for
+// connections that stayed open through it (repair). Either way the session
+// holds every frame that arrives meanwhile, then queues the replay, then
+// the held frames without the ones the replay already covered: nothing
+// missing, nothing twice, in order.
+
+// holdState is a session's hold; see session.hold.
+type holdState struct {
+	held   []*hub.Message
+	repair bool   // a repair (else a resume at connect)
+	gen    uint32 // the repair it belongs to
+}
+
+// replayOut is what a finished replay puts around the held frames.
+type replayOut struct {
+	prefix  *hub.Message // resume.incomplete, or nil
+	base    *notify.ID   // the client has everything up to here (nil: unknown)
+	entries [][]byte     // history entries after base
+	suffix  *hub.Message // connection.restored, or nil
+}
+
+// releaseHoldLocked ends the hold: r's frames (if any), then the held ones,
+// skipping any history entry at or before what the client already has.
+// It reports false if the send queue overflowed. s.mu is held.
+func (s *session) releaseHoldLocked(r *replayOut) bool {
+	h := s.hold
+	s.hold = nil
+	var msgs []*hub.Message
+	if r != nil {
+		if r.prefix != nil {
+			msgs = append(msgs, r.prefix)
+		}
+		s.lastID = r.base
+		for _, e := range r.entries {
+			m := &hub.Message{Payload: e, Frame: TextFrame(e)}
+			if id, ok := notify.PayloadID(e); ok {
+				m.ID = &id
+			}
+			msgs = append(msgs, m)
+		}
+		s.gw.m.Replayed.Add(float64(len(r.entries)))
+	}
+	msgs = append(msgs, h.held...)
+	if r != nil && r.suffix != nil {
+		msgs = append(msgs, r.suffix)
+	}
+	for _, m := range msgs {
+		if last := s.lastID; m.ID != nil && last != nil && m.ID.Epoch == last.Epoch && m.ID.Offset <= last.Offset {
+			continue // the client has it: replayed, or seen before it reconnected
+		}
+		if !s.pushLocked(outbound{msg: m}) {
+			return false
+		}
+	}
+	return true
+}
+
+// finishHold releases the hold with r unless the hold is gone or is a newer
+// repair than gen (gen 0: the resume at connect), and flushes.
+func (s *session) finishHold(repair bool, gen uint32, r *replayOut) {
+	s.mu.Lock()
+	if s.hold == nil || s.hold.repair != repair || s.hold.gen != gen || s.closing {
+		s.mu.Unlock()
+		return
+	}
+	ok := s.releaseHoldLocked(r)
+	sched := s.needScheduleLocked()
+	s.mu.Unlock()
+	if !ok {
+		s.gw.m.MessagesDropped.WithLabelValues("slow_consumer").Inc()
+		s.closeWith(errSlowConsumer)
+		return
+	}
+	if sched {
+		s.writer.schedule(s)
+	}
+}
+
+func systemMessage(payload []byte) *hub.Message {
+	return &hub.Message{Payload: payload, Frame: TextFrame(payload)}
+}
+
+// historyWait bounds a history read during a handshake.
+const historyWait = 2 * time.Second
+
+// resume runs during the handshake of a client that sent since, after the
+// subscription is confirmed and before the upgrade response: the replay is
+// the first thing the client receives.
+func (g *Gateway) resume(ctx context.Context, s *session, since string) {
+	var rep broker.Replay
+	s.mu.Lock()
+	down := s.toldDown
+	s.mu.Unlock()
+	switch {
+	case g.opts.History == nil || down:
+		rep.Reason = broker.ReasonUnavailable
+	default:
+		rctx, cancel := context.WithTimeout(ctx, historyWait)
+		rep = g.opts.History.Since(rctx, s.user, since)
+		cancel()
+	}
+	out := &replayOut{}
+	if rep.Reason != "" {
+		out.prefix = systemMessage(resumeIncompleteFrame(since, rep.Reason))
+		g.m.Resumes.WithLabelValues(rep.Reason).Inc()
+	} else {
+		base, _ := notify.ParseID(since)
+		out.base, out.entries = &base, rep.Entries
+		g.m.Resumes.WithLabelValues("complete").Inc()
+	}
+	s.finishHold(false, 0, out)
+}
+
+// position records where a client without since starts in its history, so
+// that a repair after an outage knows what it has. Skipped while Redis is
+// down (the repair then reports complete:false).
+func (g *Gateway) position(ctx context.Context, s *session) {
+	s.mu.Lock()
+	down := s.toldDown
+	s.mu.Unlock()
+	if g.opts.History == nil || down {
+		return
+	}
+	rctx, cancel := context.WithTimeout(ctx, historyWait)
+	id, err := g.opts.History.Newest(rctx, s.user)
+	cancel()
+	if err != nil {
+		return
+	}
+	s.mu.Lock()
+	if s.lastID == nil { // else a live message already told us more
+		s.lastID = &id
+	}
+	s.mu.Unlock()
+}
+
+// repairQueue collects sessions to repair; one goroutine of the gateway
+// serves it, reading the histories of many users per round trip.
+type repairQueue struct {
+	mu      sync.Mutex
+	pending []*session
+	wake    chan struct{}
+}
+
+func (q *repairQueue) add(s *session) {
+	q.mu.Lock()
+	q.pending = append(q.pending, s)
+	q.mu.Unlock()
+	select {
+	case q.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (q *repairQueue) take() []*session {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	p := q.pending
+	q.pending = nil
+	return p
+}
+
+// repairBatch bounds the histories read in one pipeline.
+const repairBatch = 1000
+
+// repairLoop repairs sessions as the link comes back, until Close.
+func (g *Gateway) repairLoop() {
+	for {
+		select {
+		case <-g.stop:
+			return
+		case <-g.repairs.wake:
+		}
+		for batch := g.repairs.take(); len(batch) > 0; batch = g.repairs.take() {
+			g.repair(batch)
+		}
+	}
+}
+
+// repair reads, once per user and position, what the sessions missed, and
+// finishes each session's hold with it and connection.restored.
+func (g *Gateway) repair(batch []*session) {
+	type job struct {
+		s     *session
+		gen   uint32
+		since notify.ID
+		key   string
+	}
+	jobs := make([]job, 0, len(batch))
+	keys := map[string]int{} // user+position → index into topics
+	var topics []string
+	var since []notify.ID
+	for _, s := range batch {
+		s.mu.Lock()
+		if s.hold == nil || !s.hold.repair || s.lastID == nil {
+			s.mu.Unlock()
+			continue
+		}
+		j := job{s: s, gen: s.hold.gen, since: *s.lastID}
+		s.mu.Unlock()
+		j.key = s.user + "\x00" + j.since.String()
+		if _, ok := keys[j.key]; !ok {
+			keys[j.key] = len(topics)
+			topics, since = append(topics, s.user), append(since, j.since)
+		}
+		jobs = append(jobs, j)
+	}
+	results := make([]broker.Replay, 0, len(topics))
+	for i := 0; i < len(topics); i += repairBatch {
+		end := min(i+repairBatch, len(topics))
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		results = append(results, g.opts.History.SinceMany(ctx, topics[i:end], since[i:end])...)
+		cancel()
+	}
+	now := time.Now()
+	for _, j := range jobs {
+		rep := results[keys[j.key]]
+		out := &replayOut{suffix: systemMessage(restoredFrame(now, rep.Reason == ""))}
+		if rep.Reason == "" {
+			base := j.since
+			out.base, out.entries = &base, rep.Entries
+			g.m.Repairs.WithLabelValues("complete").Inc()
+		} else {
+			g.m.Repairs.WithLabelValues("incomplete").Inc()
+		}
+		j.s.finishHold(true, j.gen, out)
+	}
+}
+
+func resumeIncompleteFrame(since, reason string) []byte {
+	return eventFrame("resume.incomplete", "since", since, "reason", reason)
+}
+
+func restoredFrame(now time.Time, complete bool) []byte {
+	b := eventFrame("connection.restored", "timestamp", rfc3339(now))
+	b = b[:len(b)-2] // reopen data: "}}"
+	b = append(b, `,"complete":`...)
+	b = strconv.AppendBool(b, complete)
+	return append(b, "}}"...)
+}
