@@ -116,7 +116,25 @@ func (h *History) SinceMany(ctx context.Context, topics []string, since []notify
 		}
 		return out
 	}
-	for i, res := range h.script.ExecMulti(ctx, c, execs...) {
+	results := h.script.ExecMulti(ctx, c, execs...)
+	// A connection that died with the server (a restart) fails its next
+	// commands once; scripts are not retried by the client, so retry here.
+	var retry []int
+	for i, res := range results {
+		if res.NonRedisError() != nil {
+			retry = append(retry, i)
+		}
+	}
+	if len(retry) > 0 && ctx.Err() == nil {
+		again := make([]rueidis.LuaExec, len(retry))
+		for j, i := range retry {
+			again[j] = execs[i]
+		}
+		for j, res := range h.script.ExecMulti(ctx, c, again...) {
+			results[retry[j]] = res
+		}
+	}
+	for i, res := range results {
 		if err := decide(&out[i], res); err != nil {
 			out[i] = Replay{Last: out[i].Last, Reason: ReasonUnavailable}
 		}

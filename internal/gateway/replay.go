@@ -77,6 +77,12 @@ func (s *session) finishHold(repair bool, gen uint32, r *replayOut) {
 		s.mu.Unlock()
 		return
 	}
+	s.releaseHoldAndFlushLocked(r)
+}
+
+// releaseHoldAndFlushLocked releases the hold, unlocks s.mu and schedules
+// the writer (or closes a client whose queue overflowed).
+func (s *session) releaseHoldAndFlushLocked(r *replayOut) {
 	ok := s.releaseHoldLocked(r)
 	sched := s.needScheduleLocked()
 	s.mu.Unlock()

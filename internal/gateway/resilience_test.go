@@ -51,8 +51,8 @@ func (c *client) readAll() *reader {
 				r.mu.Unlock()
 				return
 			}
-			if len(msg) > 64 { // keep the test's own heap small: the prefix identifies a message
-				msg = msg[:64]
+			if len(msg) > 160 { // keep the test's own heap small: the prefix identifies a message
+				msg = msg[:160]
 			}
 			r.msgs = append(r.msgs, string(msg))
 			r.mu.Unlock()
