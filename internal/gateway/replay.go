@@ -59,7 +59,7 @@ func (s *session) releaseHoldLocked(r *replayOut) bool {
 		msgs = append(msgs, r.suffix)
 	}
 	for _, m := range msgs {
-		if last := s.lastID; m.ID != nil && last != nil && m.ID.Epoch == last.Epoch && m.ID.Offset <= last.Offset {
+		if s.hasLocked(m) {
 			continue // the client has it: replayed, or seen before it reconnected
 		}
 		if !s.pushLocked(outbound{msg: m}) {
@@ -67,6 +67,15 @@ func (s *session) releaseHoldLocked(r *replayOut) bool {
 		}
 	}
 	return true
+}
+
+// hasLocked reports whether m is a history entry at or before the
+// connection's position: a live copy of something replayed (a history read
+// can finish before pub/sub brings the same message), or something the
+// client had before it reconnected. s.mu is held.
+func (s *session) hasLocked(m *hub.Message) bool {
+	last := s.lastID
+	return m.ID != nil && last != nil && m.ID.Offset <= last.Offset && m.ID.Epoch == last.Epoch
 }
 
 // finishHold releases the hold with r unless the hold is gone or is a newer

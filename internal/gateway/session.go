@@ -178,6 +178,10 @@ func (s *session) enqueue(o outbound, live bool) {
 		s.mu.Unlock()
 		return
 	}
+	if live && s.hasLocked(o.msg) {
+		s.mu.Unlock()
+		return
+	}
 	if !s.pushLocked(o) {
 		s.mu.Unlock()
 		s.gw.m.MessagesDropped.WithLabelValues("slow_consumer").Inc()
