@@ -49,7 +49,7 @@ func TestResumeUnderLoad(t *testing.T) {
 	pubDone := make(chan error, 1)
 	var published atomic.Int64
 	pubFinished := make(chan struct{}) // closed once the last publish returned
-	go func() { // pipelined publishes, batches sized to keep up with the rate
+	go func() {                        // pipelined publishes, batches sized to keep up with the rate
 		tick := time.NewTicker(10 * time.Millisecond)
 		defer tick.Stop()
 		start, next := time.Now(), 0
@@ -185,4 +185,3 @@ func TestResumeUnderLoad(t *testing.T) {
 	t.Logf("%d published in %s (%.0f msgs/s) over %d users; %d connections with since by %d clients (%d lost mid-read); 0 gaps, 0 duplicates",
 		published.Load(), duration, float64(published.Load())/duration.Seconds(), users, resumes.Load(), clients, lost.Load())
 }
-
