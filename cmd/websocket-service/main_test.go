@@ -121,13 +121,24 @@ func TestServePublishAndShutdown(t *testing.T) {
 	if err := run(context.Background(), []string{"publish", "--user", "alice", "--event", "essay_graded", "--data", `{"id":"e1"}`}, env, &out, &out); err != nil {
 		t.Fatal(err)
 	}
-	if strings.TrimSpace(out.String()) != "1" {
-		t.Fatalf("publish printed %q, want 1 subscribed instance", out.String())
+	n, id, _ := strings.Cut(strings.TrimSpace(out.String()), " ")
+	if n != "1" {
+		t.Fatalf("publish printed %q, want 1 subscribed instance and the id", out.String())
 	}
 	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
 	_, msg, err := conn.ReadMessage()
-	if err != nil || string(msg) != `{"event":"essay_graded","data":{"id":"e1"}}` {
+	if err != nil || string(msg) != `{"id":"`+id+`","event":"essay_graded","data":{"id":"e1"}}` {
 		t.Fatalf("got %s, %v", msg, err)
+	}
+	out.Reset()
+	if err := run(context.Background(), []string{"publish", "--no-history", "--user", "alice", "--event", "essay_graded", "--data", `{"id":"e2"}`}, env, &out, &out); err != nil {
+		t.Fatal(err)
+	}
+	if strings.TrimSpace(out.String()) != "1" {
+		t.Fatalf("publish --no-history printed %q, want 1", out.String())
+	}
+	if _, msg, err = conn.ReadMessage(); err != nil || string(msg) != `{"event":"essay_graded","data":{"id":"e2"}}` {
+		t.Fatalf("plain publish: got %s, %v", msg, err)
 	}
 
 	s.cancel() // SIGTERM
@@ -240,7 +251,7 @@ func TestListenPrintsNotifications(t *testing.T) {
 	waitFor(t, 10*time.Second, "listen prints the notification", func() bool {
 		var pub bytes.Buffer
 		_ = run(context.Background(), []string{"publish", "--user", "watcher", "--raw", `{"k":"v"}`}, env, &pub, &pub)
-		return strings.Contains(out.String(), `{"k":"v"}`+"\n")
+		return strings.Contains(out.String(), `"k":"v"}`+"\n")
 	})
 	cancel()
 	select {

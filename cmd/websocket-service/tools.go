@@ -20,14 +20,19 @@ import (
 // publish sends one notification to a user's channel.
 func publish(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("publish",
-		"Publish {\"event\":E,\"data\":D} (or --raw JSON as is) to the user's channel <REDIS_CHANNEL_PREFIX>:<user>.\n"+
-			"Prints the number Redis returns: gateway instances subscribed to that channel, not WebSockets.",
+		"Publish {\"event\":E,\"data\":D} (or --raw JSON as is) to the user's channel <REDIS_CHANNEL_PREFIX>:<user>,\n"+
+			"kept in the user's history with an id (notify/publish.lua) unless --no-history.\n"+
+			"Prints the number of gateway instances subscribed to that channel (not WebSockets) and the id.",
 		[]string{"REDIS_URL (default redis://127.0.0.1:6379), or REDIS_CLUSTER_NODES, or REDIS_SENTINEL_ADDRS + REDIS_SENTINEL_MASTER",
 			"REDIS_USERNAME, REDIS_PASSWORD, REDIS_TLS (cluster/Sentinel)", "REDIS_PUBSUB_MODE (sharded: SPUBLISH)", "REDIS_CHANNEL_PREFIX (default ws)"}, stderr)
 	user := fs.String("user", "", "user id (the token's sub)")
 	event := fs.String("event", "", "event name, e.g. batch_phase_concluded")
 	data := fs.String("data", "{}", "event data, a JSON value")
 	raw := fs.String("raw", "", "publish this JSON document as is instead of {event,data}")
+	noHistory := fs.Bool("no-history", false, "plain PUBLISH: not kept in the user's history, no id, not resumable")
+	idemKey := fs.String("idempotency-key", "", "a retry with the same key within the retention age is neither stored nor sent again")
+	historyLen := fs.Int("history-len", notify.DefaultHistoryLen, "notifications kept per user")
+	historyAge := fs.Duration("history-age", notify.DefaultHistoryAge, "age kept, and the history's expiry")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -62,6 +67,20 @@ func publish(ctx context.Context, args []string, getenv func(string) string, std
 	defer client.Close()
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
+	if !*noHistory {
+		hp := notify.NewHistoryPublisher(client, cfg.ChannelPrefix, cfg.PubSubMode == "sharded",
+			notify.HistoryOptions{MaxLen: *historyLen, MaxAge: *historyAge})
+		res, err := hp.Publish(ctx, *user, payload, *idemKey)
+		if err != nil {
+			return err
+		}
+		if res.Duplicate {
+			fmt.Fprintf(stdout, "duplicate %s\n", res.ID)
+			return nil
+		}
+		fmt.Fprintf(stdout, "%d %s\n", res.Receivers, res.ID)
+		return nil
+	}
 	pub := notify.NewPublisher(client, cfg.ChannelPrefix)
 	if cfg.PubSubMode == "sharded" {
 		pub = notify.NewShardedPublisher(client, cfg.ChannelPrefix)

@@ -10,6 +10,7 @@ import (
 	"github.com/redis/rueidis"
 
 	"github.com/huleedu/websocket-service/internal/broker"
+	"github.com/huleedu/websocket-service/internal/broker/brokertest"
 	"github.com/huleedu/websocket-service/internal/redistest"
 	"github.com/huleedu/websocket-service/notify"
 )
@@ -145,4 +146,76 @@ func TestHistoryIncompleteReasons(t *testing.T) {
 		f.srv.Kill()
 		f.expect("u", ids[0], broker.ReasonUnavailable, 0)
 	})
+}
+
+// TestHistoryOnEveryTopology: publish.lua through a client of each
+// topology reaches a subscribed broker live (SPUBLISH in sharded mode, from
+// inside the script) with its id, and History reads the rest from the slot
+// owner.
+func TestHistoryOnEveryTopology(t *testing.T) {
+	c := redistest.StartCluster(t, 2*time.Second)
+	g := redistest.StartSentinel(t)
+	for _, tc := range []struct {
+		name    string
+		top     broker.Topology
+		sharded bool
+	}{
+		{"cluster classic", broker.Topology{ClusterNodes: c.Addrs()}, false},
+		{"cluster sharded", broker.Topology{ClusterNodes: c.Addrs()}, true},
+		{"sentinel", broker.Topology{SentinelAddrs: g.Addrs(), SentinelMaster: g.Name}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			opts := broker.RedisOptions{Topology: tc.top, Prefix: "ws"}
+			b := newStressBroker(tc.top, tc.sharded)(t)
+			rec := brokertest.NewRecorder()
+			if err := b.Start(rec); err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			rec.WaitLink(t, "up", 20*time.Second)
+			co, err := tc.top.ClientOption()
+			if err != nil {
+				t.Fatal(err)
+			}
+			co.DisableCache = true
+			client, err := rueidis.NewClient(co)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer client.Close()
+			pub := notify.NewHistoryPublisher(client, "ws", tc.sharded, notify.HistoryOptions{})
+			h, err := broker.NewHistory(opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer h.Close()
+			for _, user := range []string{"topo-a", "topo-b", "topo-c"} { // different slots
+				ready, _ := b.Subscribe(user)
+				<-ready
+				var ids []string
+				for i := range 3 {
+					res, err := pub.Publish(context.Background(), user, json.RawMessage(`{"n":`+strconv.Itoa(i)+`}`), "")
+					if err != nil {
+						t.Fatal(err)
+					}
+					// Classic PUBLISH on a cluster counts only the subscribers
+					// of the node that ran the script (the bus carries it on).
+					if res.Receivers != 1 && tc.name != "cluster classic" {
+						t.Fatalf("%s: %d receivers, want the one broker", user, res.Receivers)
+					}
+					ids = append(ids, res.ID)
+				}
+				for _, id := range ids {
+					e := rec.Next(t, 10*time.Second)
+					if got, ok := notify.PayloadID([]byte(e.Payload)); !ok || got.String() != id || e.Topic != user {
+						t.Fatalf("%s: live %s %s, want id %s", user, e.Topic, e.Payload, id)
+					}
+				}
+				r := h.Since(context.Background(), user, ids[0])
+				if r.Reason != "" || len(r.Entries) != 2 || r.Last.String() != ids[2] {
+					t.Fatalf("%s: replay %+v", user, r)
+				}
+			}
+		})
+	}
 }

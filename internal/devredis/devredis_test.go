@@ -1,10 +1,14 @@
 package devredis
 
 import (
+	"context"
+	"encoding/json"
 	"log/slog"
 	"strconv"
+	"strings"
 	"testing"
 
+	"github.com/redis/rueidis"
 	"go.uber.org/goleak"
 
 	"github.com/huleedu/websocket-service/internal/broker"
@@ -40,5 +44,42 @@ func TestEmbeddedServerCarriesPubSub(t *testing.T) {
 	// A second Resolve finds the (now running) server and starts nothing.
 	if _, again, err := Resolve(addr, slog.New(slog.DiscardHandler)); err != nil || again != nil {
 		t.Fatalf("second Resolve started another server (%v)", err)
+	}
+}
+
+// The embedded server runs publish.lua and the history reads too, so
+// resume works in development as in production.
+func TestEmbeddedServerKeepsHistory(t *testing.T) {
+	port, err := redistest.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	url, m, err := Resolve("127.0.0.1:"+strconv.Itoa(port), slog.New(slog.DiscardHandler))
+	if err != nil || m == nil {
+		t.Fatalf("Resolve = %q, %v, %v", url, m, err)
+	}
+	defer m.Close()
+	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{strings.TrimPrefix(url, "redis://")}, AlwaysRESP2: true, DisableCache: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	pub := notify.NewHistoryPublisher(c, "ws", false, notify.HistoryOptions{})
+	var ids []string
+	for range 3 {
+		res, err := pub.Publish(context.Background(), "dev", json.RawMessage(`{"event":"e"}`), "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, res.ID)
+	}
+	h, err := broker.NewHistory(broker.RedisOptions{Topology: broker.Topology{URL: url}, Prefix: "ws", RESP2: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	r := h.Since(context.Background(), "dev", ids[0])
+	if r.Reason != "" || len(r.Entries) != 2 || r.Last.String() != ids[2] {
+		t.Fatalf("replay %+v, want 2 entries up to %s", r, ids[2])
 	}
 }
