@@ -21,6 +21,8 @@ import (
 	"github.com/golang-jwt/jwt/v5"
 	"github.com/lxzan/gws"
 	"github.com/redis/rueidis"
+
+	"github.com/huleedu/websocket-service/notify"
 )
 
 // bench holds the connections and the publisher of one run.
@@ -41,6 +43,10 @@ type bench struct {
 	latency   *hdrhistogram.Histogram // µs
 	handshake *hdrhistogram.Histogram // µs
 
+	historySHA string // publish.lua loaded in Redis
+	stopping   atomic.Bool
+	reconnects atomic.Int64
+
 	received []atomic.Int32 // deliver: per sequence number
 	dups     atomic.Int64
 	events   atomic.Int64 // connection.degraded/restored and other service events
@@ -53,6 +59,13 @@ type benchConn struct {
 	lastSeq atomic.Int64 // sequence numbers to one user arrive in increasing order
 	probe   atomic.Int64 // storm: last probe generation seen
 	done    chan struct{}
+
+	index    int                        // position in bench.conns
+	lastID   atomic.Pointer[notify.ID] // newest history id received
+	gaps     atomic.Int64              // history ids skipped
+	repeats  atomic.Int64              // history ids received twice
+	restored atomic.Int32              // 1: connection.restored complete:true seen, -1: complete:false
+	degraded atomic.Int32
 }
 
 func newBench(o options, log io.Writer) (*bench, error) {
@@ -76,10 +89,18 @@ func newBench(o options, log io.Writer) (*bench, error) {
 		return nil, fmt.Errorf("connect to redis: %w", err)
 	}
 	b.connsOf = make([]int32, o.Users)
+	if o.History {
+		sha, err := b.redis.Do(context.Background(), b.redis.B().ScriptLoad().Script(notify.PublishScript).Build()).ToString()
+		if err != nil {
+			return nil, fmt.Errorf("load publish.lua: %w", err)
+		}
+		b.historySHA = sha
+	}
 	return b, nil
 }
 
 func (b *bench) close() {
+	b.stopping.Store(true) // no reconnects from here on
 	b.closeAll()
 	b.redis.Close()
 }
@@ -163,7 +184,11 @@ func (b *bench) connectAll(ctx context.Context) time.Duration {
 }
 
 // dial opens connection i.
-func (b *bench) dial(i int) *benchConn {
+func (b *bench) dial(i int) *benchConn { return b.dialSince(i, nil) }
+
+// dialSince opens connection i resuming after since (nil: no since), and
+// carries over the sequence and id tracking of prev.
+func (b *bench) dialSince(i int, prev *benchConn) *benchConn {
 	user := i % b.o.Users
 	name := b.userName(user)
 	tok, err := b.token(name)
@@ -185,9 +210,19 @@ func (b *bench) dial(i int) *benchConn {
 		b.fail(classify(err))
 		return nil
 	}
-	c := &benchConn{b: b, user: user, done: make(chan struct{})}
+	c := &benchConn{b: b, user: user, done: make(chan struct{}), index: i}
+	addr := base + "/ws/v1/status/" + url.PathEscape(name) + "?token=" + url.QueryEscape(tok)
+	if prev != nil {
+		c.lastSeq.Store(prev.lastSeq.Load())
+		c.gaps.Store(prev.gaps.Load())
+		c.repeats.Store(prev.repeats.Load())
+		if id := prev.lastID.Load(); id != nil {
+			c.lastID.Store(id)
+			addr += "&since=" + url.QueryEscape(id.String())
+		}
+	}
 	ws, _, err := gws.NewClientFromConn(c, &gws.ClientOption{
-		Addr:             base + "/ws/v1/status/" + url.PathEscape(name) + "?token=" + url.QueryEscape(tok),
+		Addr:             addr,
 		HandshakeTimeout: 10 * time.Second,
 		ReadBufferSize:   1024,
 	}, nc)
@@ -231,14 +266,19 @@ func classify(err error) string {
 
 // closeAll drops every connection without a close frame.
 func (b *bench) closeAll() {
-	for i, c := range b.conns {
+	b.mu.Lock()
+	conns := append([]*benchConn(nil), b.conns...)
+	b.mu.Unlock()
+	for _, c := range conns {
 		if c != nil && c.ws != nil {
 			_ = c.ws.NetConn().Close()
 			<-c.done
-			b.conns[i] = nil
 		}
 	}
+	b.mu.Lock()
+	clear(b.conns)
 	clear(b.connsOf)
+	b.mu.Unlock()
 }
 
 func (b *bench) open() int {
@@ -261,7 +301,8 @@ func (c *benchConn) OnOpen(*gws.Conn) {}
 
 func (c *benchConn) OnClose(_ *gws.Conn, err error) {
 	var ce *gws.CloseError
-	if errors.As(err, &ce) {
+	reconnect := c.b.o.Reconnect && !c.b.stopping.Load()
+	if errors.As(err, &ce) && !reconnect {
 		c.b.fail(fmt.Sprintf("closed_%d", ce.Code))
 		c.b.closedOpen.Add(1)
 	}
@@ -269,6 +310,9 @@ func (c *benchConn) OnClose(_ *gws.Conn, err error) {
 	c.b.connsOf[c.user]--
 	c.b.mu.Unlock()
 	close(c.done)
+	if reconnect {
+		go c.b.redial(c)
+	}
 }
 
 func (c *benchConn) OnPing(s *gws.Conn, p []byte) { _ = s.WritePong(p) }
@@ -277,6 +321,7 @@ func (c *benchConn) OnPong(*gws.Conn, []byte)     {}
 func (c *benchConn) OnMessage(_ *gws.Conn, m *gws.Message) {
 	defer m.Close()
 	data := m.Bytes()
+	c.trackID(data)
 	if !bytes.Contains(data, []byte(`"event":"bench"`)) {
 		if bytes.Contains(data, []byte(`"event":"probe"`)) {
 			c.probe.Store(intField(data, `"g":`))
@@ -337,6 +382,15 @@ func (b *bench) progress(what string, line func() string) (stop func()) {
 
 func (b *bench) publishCmd(user int, payload string) rueidis.Completed {
 	ch := b.o.Prefix + ":" + b.userName(user)
+	if b.o.History {
+		sharded := "0"
+		if b.o.Sharded {
+			sharded = "1"
+		}
+		return b.redis.B().Evalsha().Sha1(b.historySHA).Numkeys(2).Key(notify.HistoryKey(ch), notify.MetaKey(ch)).
+			Arg(ch, payload, strconv.Itoa(notify.DefaultHistoryLen), strconv.FormatInt(notify.DefaultHistoryAge.Milliseconds(), 10),
+				strconv.FormatInt(notify.DefaultHistoryMetaTTL.Milliseconds(), 10), sharded).Build()
+	}
 	if b.o.Sharded {
 		return b.redis.B().Spublish().Channel(ch).Message(payload).Build()
 	}

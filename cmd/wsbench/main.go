@@ -46,6 +46,9 @@ type options struct {
 	ServerPids  string
 	Payload     int
 	Sharded     bool
+	History     bool
+	Reconnect   bool
+	Behind      int
 }
 
 func main() {
@@ -63,7 +66,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	var o options
 	fs := flag.NewFlagSet("wsbench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&o.Scenario, "scenario", "deliver", "idle | deliver | storm")
+	fs.StringVar(&o.Scenario, "scenario", "deliver", "idle | deliver | storm | publish | resume | repair")
 	fs.StringVar(&o.URL, "url", "ws://127.0.0.1:8080", "gateway base URL; comma-separated to spread connections over several instances")
 	fs.StringVar(&o.Redis, "redis", "redis://127.0.0.1:6379", "Redis URL to publish through")
 	fs.StringVar(&o.Prefix, "prefix", "ws", "REDIS_CHANNEL_PREFIX of the gateway")
@@ -85,12 +88,18 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.ServerPids, "server-pid", "", "pid(s) of the gateway process(es), comma-separated, to read RSS and CPU from /proc")
 	fs.IntVar(&o.Payload, "payload", 100, "deliver: approximate payload size in bytes")
 	fs.BoolVar(&o.Sharded, "sharded", false, "publish with SPUBLISH (REDIS_PUBSUB_MODE=sharded)")
+	fs.BoolVar(&o.History, "history", false, "publish with history (notify/publish.lua, EVALSHA pipelined)")
+	fs.BoolVar(&o.Reconnect, "reconnect", false, "deliver: a connection closed by the server reconnects at once with since=<its last id> (rolling deploys)")
+	fs.IntVar(&o.Behind, "behind", 20, "resume: messages each user misses while disconnected")
 	fs.Usage = func() {
 		fmt.Fprint(stderr, "Usage: wsbench [flags]\n\nLoad generator for websocket-service. One JSON result on stdout; progress on stderr.\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return o, err
+	}
+	if o.Scenario == "resume" || o.Scenario == "repair" {
+		o.History = true // they are about history
 	}
 	if o.Users <= 0 || o.Users > o.Conns {
 		o.Users = o.Conns
@@ -126,6 +135,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 	case "storm":
 		result, err = b.storm(ctx)
+	case "publish":
+		result, err = b.publishThroughput(ctx)
+	case "resume":
+		result, err = b.resumeStorm(ctx)
+	case "repair":
+		result, err = b.repair(ctx)
 	default:
 		return fmt.Errorf("unknown --scenario %q", o.Scenario)
 	}

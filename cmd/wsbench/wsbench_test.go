@@ -145,3 +145,36 @@ func TestIdleAndStormScenariosProduceJSON(t *testing.T) {
 		}
 	}
 }
+
+// TestHistoryScenarios: publish (plain vs history), resume (everyone
+// reconnects with since after missing messages) and repair (the gateway's
+// pub/sub link killed while publishing) report zero loss and no duplicate.
+func TestHistoryScenarios(t *testing.T) {
+	redis := redistest.Start(t)
+	g := startGateway(t, redis.URL())
+	for _, scenario := range []string{"publish", "resume", "repair"} {
+		var out bytes.Buffer
+		o := testOptions(g, redis.URL())
+		args := []string{"--scenario", scenario, "--url", o.URL, "--redis", o.Redis, "--jwt-secret", secret,
+			"--conns", "60", "--users", "30", "--behind", "5", "--duration", "500ms", "--sources", "2"}
+		if err := run(context.Background(), args, &out, os.Stderr); err != nil {
+			t.Fatalf("%s: %v", scenario, err)
+		}
+		var res map[string]any
+		if err := json.Unmarshal(out.Bytes(), &res); err != nil {
+			t.Fatalf("%s: output is not one JSON object: %v\n%s", scenario, err, out.String())
+		}
+		switch scenario {
+		case "publish":
+			if res["plain_publish_per_s"].(float64) <= 0 || res["history_publish_per_s"].(float64) <= 0 {
+				t.Fatalf("publish result %v", res)
+			}
+		default:
+			missing, _ := res["not_caught_up"].(float64)
+			notReceived, _ := res["not_received"].(float64)
+			if res["lost"] != 0.0 || res["duplicated"] != 0.0 || missing+notReceived != 0 {
+				t.Fatalf("%s result %v", scenario, res)
+			}
+		}
+	}
+}
