@@ -60,7 +60,7 @@ type benchConn struct {
 	probe   atomic.Int64 // storm: last probe generation seen
 	done    chan struct{}
 
-	index    int                        // position in bench.conns
+	index    int                       // position in bench.conns
 	lastID   atomic.Pointer[notify.ID] // newest history id received
 	gaps     atomic.Int64              // history ids skipped
 	repeats  atomic.Int64              // history ids received twice
