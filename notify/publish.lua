@@ -4,7 +4,7 @@
 -- (falling back to EVAL or SCRIPT LOAD).
 --
 -- KEYS[1]  "{<channel>}:h"  the history: a list of "<offset>|<ms>|<check>|<json>"
--- KEYS[2]  "{<channel>}:m"  its metadata: hash e (epoch), o (newest offset), c (newest check)
+-- KEYS[2]  "{<channel>}:m"  its metadata: hash e (epoch), o (newest offset)
 -- KEYS[3]  optional "{<channel>}:i:<idempotency key>"
 -- ARGV[1]  the channel, "<prefix>:<user id>" (the hash tag above keeps every key in its slot)
 -- ARGV[2]  the notification, a JSON object
@@ -16,7 +16,7 @@
 -- The published JSON is the notification with a first field "id":
 -- "<epoch>-<offset>-<check>". The epoch changes whenever the history is
 -- created anew (lost, flushed, expired); offsets count up from 1 within an
--- epoch; the check is taken from the entry's content and time, so an offset
+-- epoch; the check is the microsecond the entry was appended, so an offset
 -- reused after a failover lost the tail does not pass for the lost entry.
 -- Returns {id, receivers}; a retried idempotency key returns {id, -1} and
 -- neither stores nor publishes again.
@@ -37,24 +37,33 @@ if not brace then
 end
 
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = math.floor(us / 1000)
 
-local epoch = redis.call('HGET', meta, 'e')
-if not epoch then
-  -- A new history: name its epoch after this microsecond, in base 36.
-  local n, digits, s = tonumber(t[1]) * 1000000 + tonumber(t[2]), '0123456789abcdefghijklmnopqrstuvwxyz', ''
-  while n > 0 do
+-- base36 spells a whole number compactly.
+local function base36(n)
+  local digits, s = '0123456789abcdefghijklmnopqrstuvwxyz', ''
+  repeat
     local d = n % 36
     s = string.sub(digits, d + 1, d + 1) .. s
     n = (n - d) / 36
-  end
-  epoch = s
-  redis.call('DEL', hist)
-  redis.call('HSET', meta, 'e', epoch)
+  until n == 0
+  return s
 end
 
+-- The check is the microsecond of the append: an offset reused after a
+-- failover lost the tail is appended at another instant.
+local check = base36(us)
 local offset = redis.call('HINCRBY', meta, 'o', 1)
-local check = string.sub(redis.sha1hex(now .. ':' .. payload), 1, 8)
+local epoch
+if offset == 1 then
+  -- A new history: its epoch is this microsecond.
+  epoch = check
+  redis.call('DEL', hist)
+  redis.call('HSET', meta, 'e', epoch)
+else
+  epoch = redis.call('HGET', meta, 'e')
+end
 local id = epoch .. '-' .. offset .. '-' .. check
 local rest = string.sub(payload, brace + 1)
 local sep = ','
@@ -63,8 +72,9 @@ if string.sub(rest, 1, 1) == '}' then
 end
 local msg = '{"id":"' .. id .. '"' .. sep .. rest
 
-redis.call('RPUSH', hist, offset .. '|' .. now .. '|' .. check .. '|' .. msg)
-redis.call('LTRIM', hist, -maxlen, -1)
+if redis.call('RPUSH', hist, offset .. '|' .. now .. '|' .. check .. '|' .. msg) > maxlen then
+  redis.call('LTRIM', hist, -maxlen, -1)
+end
 while true do
   local first = redis.call('LINDEX', hist, 0)
   if not first then
@@ -76,7 +86,6 @@ while true do
   end
   redis.call('LPOP', hist)
 end
-redis.call('HSET', meta, 'c', check)
 redis.call('PEXPIRE', hist, maxage)
 redis.call('PEXPIRE', meta, math.max(metattl, maxage))
 if KEYS[3] then

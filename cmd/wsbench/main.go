@@ -101,7 +101,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	if o.Scenario == "resume" || o.Scenario == "repair" {
 		o.History = true // they are about history
 	}
-	if o.Users <= 0 || o.Users > o.Conns {
+	if o.Users <= 0 || (o.Users > o.Conns && o.Scenario != "publish") {
 		o.Users = o.Conns
 	}
 	if o.Secret == "" && o.TokensFile == "" {

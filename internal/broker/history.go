@@ -25,7 +25,7 @@ const (
 )
 
 // readScript reads a history and its metadata at one instant.
-const readScript = `return {redis.call('HMGET', KEYS[2], 'e', 'o', 'c'), redis.call('LRANGE', KEYS[1], 0, -1)}`
+const readScript = `return {redis.call('HMGET', KEYS[2], 'e', 'o'), redis.call('LRANGE', KEYS[1], 0, -1)}`
 
 // History reads the per-user histories notify's publish.lua writes, over a
 // command connection of its own (a cluster client routes each read to the
@@ -149,17 +149,27 @@ func (h *History) Newest(ctx context.Context, topic string) (notify.ID, error) {
 	if err != nil {
 		return notify.ID{}, err
 	}
-	v, err := c.Do(ctx, c.B().Hmget().Key(notify.MetaKey(notify.Channel(h.prefix, topic))).Field("e", "o", "c").Build()).ToArray()
-	if err != nil || len(v) != 3 {
+	ch := notify.Channel(h.prefix, topic)
+	res := c.DoMulti(ctx, c.B().Hmget().Key(notify.MetaKey(ch)).Field("e", "o").Build(),
+		c.B().Lindex().Key(notify.HistoryKey(ch)).Index(-1).Build())
+	meta, err := res[0].ToArray()
+	if err != nil || len(meta) != 2 {
 		return notify.ID{}, fmt.Errorf("read history meta: %w", err)
 	}
-	epoch, _ := v[0].ToString()
-	offset, _ := v[1].AsInt64()
-	check, _ := v[2].ToString()
+	epoch, _ := meta[0].ToString()
+	offset, _ := meta[1].AsInt64()
 	if epoch == "" || offset < 1 {
 		return notify.ID{}, nil
 	}
-	return notify.ID{Epoch: epoch, Offset: offset, Check: check}, nil
+	id := notify.ID{Epoch: epoch, Offset: offset} // Check "": not known (the entry expired)
+	if tail, err := res[1].ToString(); err == nil {
+		if off, check, _, err := splitEntry(tail); err == nil && off == offset {
+			id.Check = check
+		}
+	} else if !rueidis.IsRedisNil(err) {
+		return notify.ID{}, fmt.Errorf("read history: %w", err)
+	}
+	return id, nil
 }
 
 // errBadHistory marks a history this reader cannot parse.
@@ -172,7 +182,7 @@ func decide(r *Replay, res rueidis.RedisResult) error {
 		return fmt.Errorf("read history: %w", err)
 	}
 	meta, err := v[0].ToArray()
-	if err != nil || len(meta) != 3 {
+	if err != nil || len(meta) != 2 {
 		return fmt.Errorf("read history meta: %w", err)
 	}
 	list, err := v[1].AsStrSlice()
@@ -181,7 +191,6 @@ func decide(r *Replay, res rueidis.RedisResult) error {
 	}
 	epoch, _ := meta[0].ToString()
 	newest, _ := meta[1].AsInt64()
-	newestCheck, _ := meta[2].ToString()
 	since := r.Last
 	if since.Epoch == "" { // empty when the reader started: all of this epoch is new
 		if epoch == "" {
@@ -197,8 +206,13 @@ func decide(r *Replay, res rueidis.RedisResult) error {
 		r.Reason = ReasonAhead
 		return nil
 	case since.Offset == newest:
-		if since.Check != newestCheck {
-			r.Reason = ReasonRollback
+		// Up to date, unless the newest entry is another one than since's.
+		// (With the list expired by age there is nothing to compare, and
+		// nothing new either.)
+		if n := len(list); n > 0 {
+			if off, check, _, err := splitEntry(list[n-1]); err == nil && off == newest && since.Check != "" && check != since.Check {
+				r.Reason = ReasonRollback
+			}
 		}
 		return nil
 	}
@@ -211,7 +225,7 @@ func decide(r *Replay, res rueidis.RedisResult) error {
 		case off < since.Offset:
 			continue
 		case off == since.Offset:
-			if check != since.Check {
+			if since.Check != "" && check != since.Check { // "": a position whose entry had expired
 				r.Reason = ReasonRollback
 				return nil
 			}

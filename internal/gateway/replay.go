@@ -156,12 +156,20 @@ func (g *Gateway) position(ctx context.Context, s *session) {
 	if err != nil {
 		return
 	}
+	pos := &id
+	if id == (notify.ID{}) {
+		pos = emptyHistory // most users have none: no allocation per connection
+	}
 	s.mu.Lock()
 	if s.lastID == nil { // else a live message already told us more
-		s.lastID = &id
+		s.lastID = pos
 	}
 	s.mu.Unlock()
 }
+
+// emptyHistory is the position of a connection whose user had no history
+// when it connected: everything the history holds later is new to it.
+var emptyHistory = &notify.ID{}
 
 // repairQueue collects sessions to repair; one goroutine of the gateway
 // serves it, reading the histories of many users per round trip.

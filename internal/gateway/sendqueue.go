@@ -20,6 +20,9 @@ func (q *sendQueue) push(o outbound) {
 	q.items = append(q.items, o)
 }
 
+// peek returns the first frame; the queue must not be empty.
+func (q *sendQueue) peek() *outbound { return &q.items[q.head] }
+
 // pop removes the first frame; the queue must not be empty.
 func (q *sendQueue) pop() outbound {
 	o := q.items[q.head]
