@@ -39,6 +39,10 @@ func MetaKey(channel string) string { return "{" + channel + "}:m" }
 // idempotencyKeyName marks a publish already done under key.
 func idempotencyKeyName(channel, key string) string { return "{" + channel + "}:i:" + key }
 
+// EmptyPosition is the position of a reader whose user had no history yet:
+// resuming from it replays everything the history holds now.
+const EmptyPosition = "0"
+
 // ID is a parsed notification id, "<epoch>-<offset>-<check>".
 type ID struct {
 	Epoch  string

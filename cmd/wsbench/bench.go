@@ -184,11 +184,12 @@ func (b *bench) connectAll(ctx context.Context) time.Duration {
 }
 
 // dial opens connection i.
-func (b *bench) dial(i int) *benchConn { return b.dialSince(i, nil) }
+func (b *bench) dial(i int) *benchConn { return b.dialSince(i, nil, i) }
 
-// dialSince opens connection i resuming after since (nil: no since), and
-// carries over the sequence and id tracking of prev.
-func (b *bench) dialSince(i int, prev *benchConn) *benchConn {
+// dialSince opens connection i to instance urlIndex (modulo the URLs),
+// resuming after prev's last id when prev is not nil, and carries over its
+// sequence and id tracking.
+func (b *bench) dialSince(i int, prev *benchConn, urlIndex int) *benchConn {
 	user := i % b.o.Users
 	name := b.userName(user)
 	tok, err := b.token(name)
@@ -196,7 +197,7 @@ func (b *bench) dialSince(i int, prev *benchConn) *benchConn {
 		b.fail("token")
 		return nil
 	}
-	base := b.urls[i%len(b.urls)]
+	base := b.urls[urlIndex%len(b.urls)]
 	u, err := url.Parse(base)
 	if err != nil {
 		b.fail("url")
@@ -212,14 +213,23 @@ func (b *bench) dialSince(i int, prev *benchConn) *benchConn {
 	}
 	c := &benchConn{b: b, user: user, done: make(chan struct{}), index: i}
 	addr := base + "/ws/v1/status/" + url.PathEscape(name) + "?token=" + url.QueryEscape(tok)
-	if prev != nil {
+	switch {
+	case prev != nil:
 		c.lastSeq.Store(prev.lastSeq.Load())
 		c.gaps.Store(prev.gaps.Load())
 		c.repeats.Store(prev.repeats.Load())
 		if id := prev.lastID.Load(); id != nil {
 			c.lastID.Store(id)
-			addr += "&since=" + url.QueryEscape(id.String())
+			since := notify.EmptyPosition
+			if id.Epoch != "" {
+				since = id.String()
+			}
+			addr += "&since=" + url.QueryEscape(since)
+		} else if b.o.History {
+			addr += "&since="
 		}
+	case b.o.History:
+		addr += "&since=" // resume-aware: the server answers with our position
 	}
 	ws, _, err := gws.NewClientFromConn(c, &gws.ClientOption{
 		Addr:             addr,

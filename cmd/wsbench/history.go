@@ -16,6 +16,22 @@ import (
 // trackID checks a history id against the connection's previous one:
 // consecutive offsets mean nothing was missed and nothing repeated.
 func (c *benchConn) trackID(data []byte) {
+	if bytes.HasPrefix(data, []byte(`{"event":"resume.position","data":{"id":"`)) {
+		s := data[len(`{"event":"resume.position","data":{"id":"`):]
+		s = s[:max(0, bytes.IndexByte(s, '"'))]
+		if string(s) == notify.EmptyPosition {
+			if c.lastID.Load() == nil {
+				c.lastID.Store(&notify.ID{})
+			}
+			return
+		}
+		if id, ok := notify.ParseID(string(s)); ok {
+			if prev := c.lastID.Load(); prev == nil || prev.Epoch != id.Epoch || prev.Offset < id.Offset {
+				c.lastID.Store(&id)
+			}
+		}
+		return
+	}
 	if bytes.HasPrefix(data, []byte(`{"event":"connection.`)) {
 		switch {
 		case bytes.Contains(data, []byte(`"connection.degraded"`)):
@@ -33,7 +49,7 @@ func (c *benchConn) trackID(data []byte) {
 	}
 	prev := c.lastID.Load()
 	switch {
-	case prev == nil || prev.Epoch != id.Epoch || id.Offset == prev.Offset+1:
+	case prev == nil || prev.Epoch == "" || prev.Epoch != id.Epoch || id.Offset == prev.Offset+1:
 	case id.Offset <= prev.Offset:
 		c.repeats.Add(1)
 		return
@@ -48,7 +64,9 @@ func (c *benchConn) trackID(data []byte) {
 func (b *bench) redial(prev *benchConn) {
 	for attempt := 0; !b.stopping.Load(); attempt++ {
 		time.Sleep(time.Duration(50+rand.IntN(200*min(attempt+1, 10))) * time.Millisecond)
-		if c := b.dialSince(prev.index, prev); c != nil {
+		// Like a load balancer, send it to any instance: the one that
+		// closed it may be restarting.
+		if c := b.dialSince(prev.index, prev, rand.IntN(len(b.urls))); c != nil {
 			b.mu.Lock()
 			b.conns[prev.index] = c
 			b.mu.Unlock()
@@ -107,6 +125,7 @@ func (b *bench) waitAll(timeout time.Duration, cond func(*benchConn) bool) (time
 	}
 }
 
+// offsetOf is the offset of the connection's last history id (0: none).
 func offsetOf(c *benchConn) int64 {
 	if id := c.lastID.Load(); id != nil {
 		return id.Offset
@@ -166,7 +185,7 @@ func (b *bench) resumeStorm(ctx context.Context) (any, error) {
 	took := b.connectAll(ctx)
 	fmt.Fprintf(b.log, "[resume] %d open in %.2fs\n", b.open(), took.Seconds())
 	b.publishEach(ctx, "mark")
-	if _, missing := b.waitAll(30*time.Second, func(c *benchConn) bool { return c.lastID.Load() != nil }); missing > 0 {
+	if _, missing := b.waitAll(30*time.Second, func(c *benchConn) bool { return offsetOf(c) > 0 }); missing > 0 {
 		return nil, fmt.Errorf("%d connections never received their first history message", missing)
 	}
 	b.mu.Lock()
@@ -195,7 +214,7 @@ func (b *bench) resumeStorm(ctx context.Context) (any, error) {
 		sem <- struct{}{}
 		wg.Go(func() {
 			defer func() { <-sem }()
-			if nc := b.dialSince(c.index, c); nc != nil {
+			if nc := b.dialSince(c.index, c, c.index); nc != nil {
 				b.mu.Lock()
 				b.conns[c.index] = nc
 				b.mu.Unlock()
@@ -225,7 +244,7 @@ func (b *bench) repair(ctx context.Context) (any, error) {
 	took := b.connectAll(ctx)
 	fmt.Fprintf(b.log, "[repair] %d open in %.2fs\n", b.open(), took.Seconds())
 	b.publishEach(ctx, "mark")
-	if _, missing := b.waitAll(30*time.Second, func(c *benchConn) bool { return c.lastID.Load() != nil }); missing > 0 {
+	if _, missing := b.waitAll(30*time.Second, func(c *benchConn) bool { return offsetOf(c) > 0 }); missing > 0 {
 		return nil, fmt.Errorf("%d connections never received their first history message", missing)
 	}
 	want := map[int]int64{}

@@ -85,11 +85,18 @@ type Replay struct {
 	Last notify.ID
 	// Reason is "" when Entries are complete, else one of the Reason values.
 	Reason string
+	// Newest is the newest id the history holds (zero: none; Check "" when
+	// its entry expired), known unless Reason is invalid or unavailable:
+	// where a reader whose replay was incomplete starts again.
+	Newest notify.ID
 }
 
 // Since returns what topic's history holds after since, as a client sent it.
 func (h *History) Since(ctx context.Context, topic, since string) Replay {
 	id, ok := notify.ParseID(since)
+	if since == notify.EmptyPosition {
+		id, ok = notify.ID{}, true
+	}
 	if !ok {
 		return Replay{Reason: ReasonInvalid}
 	}
@@ -136,7 +143,7 @@ func (h *History) SinceMany(ctx context.Context, topics []string, since []notify
 	}
 	for i, res := range results {
 		if err := decide(&out[i], res); err != nil {
-			out[i] = Replay{Last: out[i].Last, Reason: ReasonUnavailable}
+			out[i] = Replay{Last: since[i], Reason: ReasonUnavailable}
 		}
 	}
 	return out
@@ -191,6 +198,14 @@ func decide(r *Replay, res rueidis.RedisResult) error {
 	}
 	epoch, _ := meta[0].ToString()
 	newest, _ := meta[1].AsInt64()
+	if epoch != "" && newest > 0 {
+		r.Newest = notify.ID{Epoch: epoch, Offset: newest}
+		if n := len(list); n > 0 {
+			if off, check, _, err := splitEntry(list[n-1]); err == nil && off == newest {
+				r.Newest.Check = check
+			}
+		}
+	}
 	since := r.Last
 	if since.Epoch == "" { // empty when the reader started: all of this epoch is new
 		if epoch == "" {

@@ -27,10 +27,11 @@ type holdState struct {
 
 // replayOut is what a finished replay puts around the held frames.
 type replayOut struct {
-	prefix  *hub.Message // resume.incomplete, or nil
-	base    *notify.ID   // the client has everything up to here (nil: unknown)
-	entries [][]byte     // history entries after base
-	suffix  *hub.Message // connection.restored, or nil
+	prefix   *hub.Message // resume.incomplete, or nil
+	base     *notify.ID   // the client has everything up to here (nil: unknown)
+	entries  [][]byte     // history entries after base
+	position *notify.ID   // resume: where the client stands now, sent last as resume.position (nil: unknown, not sent)
+	suffix   *hub.Message // connection.restored, or nil
 }
 
 // releaseHoldLocked ends the hold: r's frames (if any), then the held ones,
@@ -55,9 +56,6 @@ func (s *session) releaseHoldLocked(r *replayOut) bool {
 		s.gw.m.Replayed.Add(float64(len(r.entries)))
 	}
 	msgs = append(msgs, h.held...)
-	if r != nil && r.suffix != nil {
-		msgs = append(msgs, r.suffix)
-	}
 	for _, m := range msgs {
 		if s.hasLocked(m) {
 			continue // the client has it: replayed, or seen before it reconnected
@@ -65,6 +63,19 @@ func (s *session) releaseHoldLocked(r *replayOut) bool {
 		if !s.pushLocked(outbound{msg: m}) {
 			return false
 		}
+	}
+	if r != nil && r.position != nil {
+		// The client's position: the history's newest when it was read,
+		// unless what was just queued is newer.
+		if last := s.lastID; last == nil || (last.Epoch == r.position.Epoch && last.Offset < r.position.Offset) {
+			s.lastID = r.position
+		}
+		if !s.pushLocked(outbound{msg: systemMessage(eventFrame("resume.position", "id", positionString(s.lastID)))}) {
+			return false
+		}
+	}
+	if r != nil && r.suffix != nil && !s.pushLocked(outbound{msg: r.suffix}) {
+		return false
 	}
 	return true
 }
@@ -116,28 +127,61 @@ const historyWait = 2 * time.Second
 // subscription is confirmed and before the upgrade response: the replay is
 // the first thing the client receives.
 func (g *Gateway) resume(ctx context.Context, s *session, since string) {
-	var rep broker.Replay
 	s.mu.Lock()
 	down := s.toldDown
 	s.mu.Unlock()
+	out := &replayOut{}
+	var rep broker.Replay
 	switch {
 	case g.opts.History == nil || down:
 		rep.Reason = broker.ReasonUnavailable
+	case since == "": // a client that has seen nothing yet: only its position
+		if id, ok := g.newest(ctx, s.user); ok {
+			out.position = id
+		}
+		g.m.Resumes.WithLabelValues("new").Inc()
+		s.finishHold(false, 0, out)
+		return
 	default:
 		rctx, cancel := context.WithTimeout(ctx, historyWait)
 		rep = g.opts.History.Since(rctx, s.user, since)
 		cancel()
 	}
-	out := &replayOut{}
-	if rep.Reason != "" {
+	switch rep.Reason {
+	case "":
+		base, _ := notify.ParseID(since) // EmptyPosition: the zero id
+		out.base, out.entries, out.position = &base, rep.Entries, &rep.Last
+		g.m.Resumes.WithLabelValues("complete").Inc()
+	case broker.ReasonUnavailable:
 		out.prefix = systemMessage(resumeIncompleteFrame(since, rep.Reason))
 		g.m.Resumes.WithLabelValues(rep.Reason).Inc()
-	} else {
-		base, _ := notify.ParseID(since)
-		out.base, out.entries = &base, rep.Entries
-		g.m.Resumes.WithLabelValues("complete").Inc()
+	case broker.ReasonInvalid:
+		out.prefix = systemMessage(resumeIncompleteFrame(since, rep.Reason))
+		if id, ok := g.newest(ctx, s.user); ok {
+			out.position = id
+		}
+		g.m.Resumes.WithLabelValues(rep.Reason).Inc()
+	default:
+		out.prefix = systemMessage(resumeIncompleteFrame(since, rep.Reason))
+		newest := rep.Newest
+		out.position = &newest
+		g.m.Resumes.WithLabelValues(rep.Reason).Inc()
 	}
 	s.finishHold(false, 0, out)
+}
+
+// newest reads the newest id of user's history (emptyHistory: none).
+func (g *Gateway) newest(ctx context.Context, user string) (*notify.ID, bool) {
+	rctx, cancel := context.WithTimeout(ctx, historyWait)
+	defer cancel()
+	id, err := g.opts.History.Newest(rctx, user)
+	if err != nil {
+		return nil, false
+	}
+	if id == (notify.ID{}) {
+		return emptyHistory, true
+	}
+	return &id, true
 }
 
 // position records where a client without since starts in its history, so
@@ -150,21 +194,23 @@ func (g *Gateway) position(ctx context.Context, s *session) {
 	if g.opts.History == nil || down {
 		return
 	}
-	rctx, cancel := context.WithTimeout(ctx, historyWait)
-	id, err := g.opts.History.Newest(rctx, s.user)
-	cancel()
-	if err != nil {
+	pos, ok := g.newest(ctx, s.user)
+	if !ok {
 		return
-	}
-	pos := &id
-	if id == (notify.ID{}) {
-		pos = emptyHistory // most users have none: no allocation per connection
 	}
 	s.mu.Lock()
 	if s.lastID == nil { // else a live message already told us more
 		s.lastID = pos
 	}
 	s.mu.Unlock()
+}
+
+// positionString is the since a client resumes from at id.
+func positionString(id *notify.ID) string {
+	if id.Epoch == "" {
+		return notify.EmptyPosition
+	}
+	return id.String()
 }
 
 // emptyHistory is the position of a connection whose user had no history

@@ -74,6 +74,10 @@ func TestResumeReplaysExactlyWhatWasMissedThenLive(t *testing.T) {
 					t.Fatalf("replayed frame %d: %s, want id %s", i, msg, want)
 				}
 			}
+			// Then where the client stands, then live.
+			if pos := c.nextEvent("resume.position"); pos["data"].(map[string]any)["id"] != missed[9] {
+				t.Fatalf("position %v, want %s", pos, missed[9])
+			}
 			live := publishWithHistory(t, pub, user, 1)
 			if got := frameID(c.mustNext()); got != live[0] {
 				t.Fatalf("after the replay got %q, want the live %q", got, live[0])
@@ -88,15 +92,29 @@ func TestResumeIncompleteIsTheFirstFrame(t *testing.T) {
 	ids := publishWithHistory(t, pub, "inc", 3)
 	ahead, _ := notify.ParseID(ids[2])
 	ahead.Offset += 10
-	for since, reason := range map[string]string{"garbage": "invalid", ahead.String(): "ahead", "": "invalid"} {
+	newest := ids[2]
+	for since, reason := range map[string]string{"garbage": "invalid", ahead.String(): "ahead", "": ""} {
 		c := st.dialURL(st.wsURL + "/ws/v1/status/inc?since=" + url.QueryEscape(since) + "&token=" + st.token("inc", time.Hour))
-		ev := c.nextEvent("resume.incomplete")
-		data := ev["data"].(map[string]any)
-		if data["reason"] != reason || data["since"] != since {
-			t.Fatalf("since %q: %v, want reason %s", since, ev, reason)
+		var first map[string]any
+		if err := json.Unmarshal([]byte(c.mustNext()), &first); err != nil {
+			t.Fatal(err)
+		}
+		data := first["data"].(map[string]any)
+		switch {
+		case reason == "": // since= (empty): a client that has seen nothing yet gets its position only
+			if first["event"] != "resume.position" || data["id"] != newest {
+				t.Fatalf("since %q: first frame %v, want resume.position %s", since, first, newest)
+			}
+		case first["event"] != "resume.incomplete" || data["reason"] != reason || data["since"] != since:
+			t.Fatalf("since %q: first frame %v, want resume.incomplete %s", since, first, reason)
+		default: // where to resume from next time
+			if pos := c.nextEvent("resume.position"); pos["data"].(map[string]any)["id"] != newest {
+				t.Fatalf("since %q: position %v, want %s", since, pos, newest)
+			}
 		}
 		// Then live messages only.
 		live := publishWithHistory(t, pub, "inc", 1)
+		newest = live[0]
 		if got := frameID(c.mustNext()); got != live[0] {
 			t.Fatalf("since %q: got %q after resume.incomplete, want live %q", since, got, live[0])
 		}
