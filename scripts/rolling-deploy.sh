@@ -13,17 +13,7 @@ USERS=${USERS:-3000}
 RATE=${RATE:-2000}
 DURATION=${DURATION:-40s}
 SECRET=rolling-deploy-secret-rolling-deploy-secret
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-go build -o "$work/" ./cmd/websocket-service ./cmd/wsbench
-port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-rport=$(port)
-redis-server --port "$rport" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" --logfile "$work/redis.log" &
-pids+=($!)
-until redis-cli -p "$rport" ping >/dev/null 2>&1; do sleep 0.1; done
+. scripts/local-stack.sh
 
 ports=(); spid=()
 start_instance() { # $1: index
