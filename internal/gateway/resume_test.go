@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/huleedu/websocket-service/internal/broker"
+	"github.com/huleedu/websocket-service/internal/redistest"
 	"github.com/huleedu/websocket-service/notify"
 )
 
@@ -217,6 +219,54 @@ func TestRepairAfterRedisRestart(t *testing.T) {
 				if r.err() != nil {
 					t.Fatalf("client %d closed: %v", i, r.err())
 				}
+			}
+		})
+	}
+}
+
+// TestResumeOnEveryTopology: the resume round trip (miss 5 while away,
+// reconnect with since, get exactly those, then live) through a gateway on
+// a cluster (classic and sharded) and on Sentinel.
+func TestResumeOnEveryTopology(t *testing.T) {
+	c := redistest.StartCluster(t, 2*time.Second)
+	g := redistest.StartSentinel(t)
+	for _, tc := range []struct {
+		name     string
+		top      broker.Topology
+		sharded  bool
+		seeds    []string
+		sentinel string
+	}{
+		{"cluster classic", broker.Topology{ClusterNodes: c.Addrs()}, false, c.Addrs(), ""},
+		{"cluster sharded", broker.Topology{ClusterNodes: c.Addrs()}, true, c.Addrs(), ""},
+		{"sentinel", broker.Topology{SentinelAddrs: g.Addrs(), SentinelMaster: g.Name}, false, g.Addrs(), g.Name},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st := newStack(t, func(sc *stackConfig) { sc.topology, sc.sharded = &tc.top, tc.sharded })
+			pub := notify.NewHistoryPublisher(clusterPublisher(t, tc.seeds, tc.sentinel), "ws", tc.sharded, notify.HistoryOptions{})
+			for _, user := range []string{"topo-a", "topo-b", "topo-c"} { // different slots
+				first := st.dialURL(st.wsURL + "/ws/v1/status/" + user + "?since=&token=" + st.token(user, time.Hour))
+				first.nextEvent("resume.position")
+				seen := publishWithHistory(t, pub, user, 1)
+				if got := frameID(first.mustNext()); got != seen[0] {
+					t.Fatalf("%s: live %q, want %q", user, got, seen[0])
+				}
+				_ = first.conn.Close()
+				eventually(t, 10*time.Second, "first connection gone", func() bool { return st.hub.Count() == 0 })
+				missed := publishWithHistory(t, pub, user, 5)
+				again := st.dialURL(st.wsURL + "/ws/v1/status/" + user + "?since=" + url.QueryEscape(seen[0]) + "&token=" + st.token(user, time.Hour))
+				for _, want := range missed {
+					if got := frameID(again.mustNext()); got != want {
+						t.Fatalf("%s: replay %q, want %q", user, got, want)
+					}
+				}
+				again.nextEvent("resume.position")
+				live := publishWithHistory(t, pub, user, 1)
+				if got := frameID(again.mustNext()); got != live[0] {
+					t.Fatalf("%s: live after replay %q, want %q", user, got, live[0])
+				}
+				_ = again.conn.Close()
+				eventually(t, 10*time.Second, "connection gone", func() bool { return st.hub.Count() == 0 })
 			}
 		})
 	}
