@@ -43,11 +43,31 @@ func Start(t testing.TB, extraArgs ...string) *Server {
 // StartServer launches redis-server on a free port in dir; the caller must
 // Stop it.
 func StartServer(dir string, extraArgs ...string) (*Server, error) {
-	port, err := FreePort()
-	if err != nil {
-		return nil, err
+	return onFreePorts(1, func(ports []int) (*Server, error) { return StartOnPort(dir, ports[0], extraArgs...) })
+}
+
+// errExitedAtStart: the server died before answering, most often because a
+// port picked as free was taken by another process before redis bound it.
+var errExitedAtStart = errors.New("redis-server exited at start")
+
+// onFreePorts runs start with n free ports, and again with new ones (up to
+// 10 times) when the server exits at start: FreePort cannot reserve a port,
+// and test packages running in parallel pick ports at the same time.
+func onFreePorts(n int, start func(ports []int) (*Server, error)) (*Server, error) {
+	var err error
+	for range 10 {
+		ports := make([]int, n)
+		for i := range ports {
+			if ports[i], err = FreePort(); err != nil {
+				return nil, err
+			}
+		}
+		var s *Server
+		if s, err = start(ports); !errors.Is(err, errExitedAtStart) {
+			return s, err
+		}
 	}
-	return StartOnPort(dir, port, extraArgs...)
+	return nil, err
 }
 
 // StartOnPort launches redis-server on a given port.
@@ -91,7 +111,7 @@ func (s *Server) waitReady(timeout time.Duration) error {
 	for time.Now().Before(deadline) {
 		select {
 		case <-s.proc.Done():
-			return fmt.Errorf("redis-server on port %d exited at start (see %s)", s.Port, s.dir)
+			return fmt.Errorf("%w: port %d (see %s)", errExitedAtStart, s.Port, s.dir)
 		default:
 		}
 		reply, err := s.Do("PING")

@@ -34,19 +34,17 @@ func StartCluster(t testing.TB, nodeTimeout time.Duration) *Cluster {
 func NewCluster(dir string, nodeTimeout time.Duration) (*Cluster, error) {
 	c := &Cluster{}
 	for i := range 6 {
-		busPort, err := FreePort()
-		if err != nil {
-			c.Stop()
-			return nil, err
-		}
 		nodeDir := filepath.Join(dir, "node"+strconv.Itoa(i))
 		if err := os.MkdirAll(nodeDir, 0o755); err != nil {
 			c.Stop()
 			return nil, err
 		}
-		s, err := StartServer(nodeDir, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-			"--cluster-node-timeout", strconv.Itoa(int(nodeTimeout.Milliseconds())), "--cluster-port", strconv.Itoa(busPort),
-			"--cluster-require-full-coverage", "no", "--repl-diskless-sync-delay", "0")
+		s, err := onFreePorts(2, func(ports []int) (*Server, error) {
+			_ = os.Remove(filepath.Join(nodeDir, "nodes.conf")) // from an attempt that lost its port
+			return StartOnPort(nodeDir, ports[0], "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+				"--cluster-node-timeout", strconv.Itoa(int(nodeTimeout.Milliseconds())), "--cluster-port", strconv.Itoa(ports[1]),
+				"--cluster-require-full-coverage", "no", "--repl-diskless-sync-delay", "0")
+		})
 		if err != nil {
 			c.Stop()
 			return nil, err
@@ -319,22 +317,19 @@ func NewSentinel(dir string) (*Sentinel, error) {
 		return nil, err
 	}
 	for i := range 3 {
-		port, err := FreePort()
-		if err != nil {
-			g.Stop()
-			return nil, err
-		}
 		sdir := mkdir(dir, "sentinel"+strconv.Itoa(i))
-		conf := filepath.Join(sdir, "sentinel.conf")
-		body := fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\nsentinel monitor %s 127.0.0.1 %d 2\n"+
-			"sentinel down-after-milliseconds %s 1000\nsentinel failover-timeout %s 5000\nsentinel parallel-syncs %s 1\n",
-			port, sdir, g.Name, g.Master.Port, g.Name, g.Name, g.Name)
-		if err := os.WriteFile(conf, []byte(body), 0o644); err != nil {
-			g.Stop()
-			return nil, err
-		}
-		s := &Server{Port: port, dir: sdir, args: []string{conf, "--sentinel"}}
-		if err := s.launch(); err != nil {
+		s, err := onFreePorts(1, func(ports []int) (*Server, error) {
+			conf := filepath.Join(sdir, "sentinel.conf")
+			body := fmt.Sprintf("port %d\nbind 127.0.0.1\ndir %s\nsentinel monitor %s 127.0.0.1 %d 2\n"+
+				"sentinel down-after-milliseconds %s 1000\nsentinel failover-timeout %s 5000\nsentinel parallel-syncs %s 1\n",
+				ports[0], sdir, g.Name, g.Master.Port, g.Name, g.Name, g.Name)
+			if err := os.WriteFile(conf, []byte(body), 0o644); err != nil {
+				return nil, err
+			}
+			s := &Server{Port: ports[0], dir: sdir, args: []string{conf, "--sentinel"}}
+			return s, s.launch()
+		})
+		if err != nil {
 			g.Stop()
 			return nil, err
 		}
