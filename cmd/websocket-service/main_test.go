@@ -55,35 +55,52 @@ type server struct {
 
 func startServe(t *testing.T, env map[string]string) *server {
 	t.Helper()
-	port, err := redistest.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	full := map[string]string{"WEBSOCKET_HOST": "127.0.0.1", "WEBSOCKET_PORT": fmt.Sprint(port), "JWT_SECRET_KEY": secret, "SHUTDOWN_TIMEOUT": "5s"}
-	for k, v := range env {
-		full[k] = v
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	s := &server{port: port, cancel: cancel, done: make(chan error, 1), logs: &syncBuffer{}, env: full}
-	go func() {
-		s.done <- run(ctx, []string{"serve"}, func(k string) string { return full[k] }, s.logs, s.logs)
-	}()
-	t.Cleanup(func() {
+	// A port picked as free can be taken by a test package running in
+	// parallel before serve binds it: then serve returns at once, and it is
+	// started again on another port.
+	for attempt := 1; ; attempt++ {
+		port, err := redistest.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		full := map[string]string{"WEBSOCKET_HOST": "127.0.0.1", "WEBSOCKET_PORT": fmt.Sprint(port), "JWT_SECRET_KEY": secret, "SHUTDOWN_TIMEOUT": "5s"}
+		for k, v := range env {
+			full[k] = v
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		s := &server{port: port, cancel: cancel, done: make(chan error, 1), logs: &syncBuffer{}, env: full}
+		go func() {
+			s.done <- run(ctx, []string{"serve"}, func(k string) string { return full[k] }, s.logs, s.logs)
+		}()
+		var exited error
+		waitFor(t, 10*time.Second, "serve answers /healthz", func() bool {
+			select {
+			case exited = <-s.done:
+				return true
+			default:
+			}
+			resp, err := http.Get(s.url("http") + "/healthz")
+			if err == nil {
+				resp.Body.Close()
+			}
+			return err == nil && resp.StatusCode == 200
+		})
+		if exited == nil {
+			t.Cleanup(func() {
+				cancel()
+				select {
+				case <-s.done:
+				case <-time.After(10 * time.Second):
+					t.Error("serve did not return")
+				}
+			})
+			return s
+		}
 		cancel()
-		select {
-		case <-s.done:
-		case <-time.After(10 * time.Second):
-			t.Error("serve did not return")
+		if attempt == 5 || !strings.Contains(fmt.Sprint(exited), "listen on") {
+			t.Fatalf("serve returned at start: %v\n%s", exited, s.logs.String())
 		}
-	})
-	waitFor(t, 10*time.Second, "serve answers /healthz", func() bool {
-		resp, err := http.Get(s.url("http") + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil && resp.StatusCode == 200
-	})
-	return s
+	}
 }
 
 func (s *server) url(scheme string) string { return fmt.Sprintf("%s://127.0.0.1:%d", scheme, s.port) }

@@ -30,36 +30,48 @@ func startGateway(t *testing.T, redisURL string, extraEnv ...string) *gateway {
 	if out, err := exec.Command("go", "build", "-o", bin, "../websocket-service").CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
-	port, err := redistest.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "serve")
-	cmd.Env = append(os.Environ(), "WEBSOCKET_HOST=127.0.0.1", fmt.Sprintf("WEBSOCKET_PORT=%d", port),
-		"REDIS_URL="+redisURL, "JWT_SECRET_KEY="+secret, "LOG_LEVEL=warn")
-	cmd.Env = append(cmd.Env, extraEnv...)
-	proc, err := procgroup.Start(cmd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := &gateway{proc: proc, url: fmt.Sprintf("ws://127.0.0.1:%d", port)}
-	t.Cleanup(func() {
-		if err := proc.Kill(); err != nil {
-			t.Error(err)
+	// A port picked as free can be taken before the binary binds it (test
+	// packages run in parallel): the process then exits, and is started
+	// again on another port.
+	for attempt := 1; ; attempt++ {
+		port, err := redistest.FreePort()
+		if err != nil {
+			t.Fatal(err)
 		}
-	})
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/healthz", port)); err == nil {
-			resp.Body.Close()
+		cmd := exec.Command(bin, "serve")
+		cmd.Env = append(os.Environ(), "WEBSOCKET_HOST=127.0.0.1", fmt.Sprintf("WEBSOCKET_PORT=%d", port),
+			"REDIS_URL="+redisURL, "JWT_SECRET_KEY="+secret, "LOG_LEVEL=warn")
+		cmd.Env = append(cmd.Env, extraEnv...)
+		proc, err := procgroup.Start(cmd)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if err := proc.Kill(); err != nil {
+				t.Error(err)
+			}
+		})
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			if resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/healthz", port)); err == nil {
+				resp.Body.Close()
+				return &gateway{proc: proc, url: fmt.Sprintf("ws://127.0.0.1:%d", port)}
+			}
+			select {
+			case <-proc.Done():
+				if attempt == 5 {
+					t.Fatalf("gateway exited at start %d times", attempt)
+				}
+			default:
+				if time.Now().After(deadline) {
+					t.Fatal("gateway did not start listening")
+				}
+				time.Sleep(20 * time.Millisecond)
+				continue
+			}
 			break
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("gateway did not start listening")
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
-	return g
 }
 
 func testOptions(g *gateway, redisURL string) options {

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/rueidis"
 	"go.uber.org/goleak"
 
@@ -19,18 +20,31 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
+// embedded resolves a free address, where Resolve must start the embedded
+// server. The port can be taken between FreePort and Resolve by a test
+// package running in parallel (Resolve then finds that server, or fails to
+// listen): then another port is tried.
+func embedded(t *testing.T) (addr, url string, m *miniredis.Miniredis) {
+	t.Helper()
+	for range 5 {
+		port, err := redistest.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr = "127.0.0.1:" + strconv.Itoa(port)
+		url, m, err = Resolve(addr, slog.New(slog.DiscardHandler))
+		if err == nil && m != nil {
+			return addr, url, m
+		}
+	}
+	t.Fatalf("Resolve on free ports did not start the embedded server (%q)", url)
+	return "", "", nil
+}
+
 // With nothing on the address, Resolve starts the embedded server, and the
 // Redis broker works against it (RESP2), as `go run` on a fresh machine does.
 func TestEmbeddedServerCarriesPubSub(t *testing.T) {
-	port, err := redistest.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := "127.0.0.1:" + strconv.Itoa(port)
-	url, m, err := Resolve(addr, slog.New(slog.DiscardHandler))
-	if err != nil || m == nil {
-		t.Fatalf("Resolve = %q, %v, %v; want an embedded server", url, m, err)
-	}
+	addr, url, m := embedded(t)
 	defer m.Close()
 	brokertest.Run(t, func(t testing.TB) (broker.Broker, brokertest.Publish) {
 		b, err := broker.NewRedis(broker.RedisOptions{Topology: broker.Topology{URL: url}, Prefix: "ws", RESP2: true})
@@ -50,14 +64,7 @@ func TestEmbeddedServerCarriesPubSub(t *testing.T) {
 // The embedded server runs publish.lua and the history reads too, so
 // resume works in development as in production.
 func TestEmbeddedServerKeepsHistory(t *testing.T) {
-	port, err := redistest.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	url, m, err := Resolve("127.0.0.1:"+strconv.Itoa(port), slog.New(slog.DiscardHandler))
-	if err != nil || m == nil {
-		t.Fatalf("Resolve = %q, %v, %v", url, m, err)
-	}
+	_, url, m := embedded(t)
 	defer m.Close()
 	c, err := rueidis.NewClient(rueidis.ClientOption{InitAddress: []string{strings.TrimPrefix(url, "redis://")}, AlwaysRESP2: true, DisableCache: true})
 	if err != nil {
