@@ -16,6 +16,7 @@ import (
 
 	"github.com/huleedu/websocket-service/internal/broker"
 	"github.com/huleedu/websocket-service/internal/config"
+	"github.com/huleedu/websocket-service/internal/demo"
 	"github.com/huleedu/websocket-service/internal/devredis"
 	"github.com/huleedu/websocket-service/internal/gateway"
 	"github.com/huleedu/websocket-service/internal/hub"
@@ -117,8 +118,12 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 	}
 	defer gw.Close()
 
+	handler := gw.Handler()
+	if !cfg.Production() {
+		handler = withDemo(handler, cfg, hist, auth, log)
+	}
 	srv := &http.Server{
-		Handler:           gw.Handler(),
+		Handler:           handler,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       60 * time.Second,
 		MaxHeaderBytes:    16 << 10,
@@ -157,6 +162,27 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 	}
 	log.Info("shutdown complete")
 	return nil
+}
+
+// withDemo adds the development demo page (/demo, /demo/client.js,
+// /demo/publish, and /demo/token while the development secret is in use).
+func withDemo(gw http.Handler, cfg config.Config, hist *broker.History, auth *jwtauth.Validator, log *slog.Logger) http.Handler {
+	opts := demo.Options{
+		Publish: func(ctx context.Context, user string, payload []byte) (string, error) {
+			res, err := hist.Publish(ctx, user, payload, cfg.PubSubMode == "sharded")
+			return res.ID, err
+		},
+		Logger: log.With("component", "demo"),
+	}
+	if cfg.JWTSecretIsDev {
+		opts.MintToken = func(user string) (string, error) { return auth.Mint(user, time.Hour) }
+	}
+	d := demo.Handler(opts)
+	mux := http.NewServeMux()
+	mux.Handle("/", gw)
+	mux.Handle("/demo", d)
+	mux.Handle("/demo/", d)
+	return mux
 }
 
 // clientName names this instance's Redis connections (CLIENT LIST).

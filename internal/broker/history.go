@@ -271,3 +271,14 @@ func splitEntry(e string) (offset int64, check, payload string, err error) {
 	}
 	return offset, parts[2], parts[3], nil
 }
+
+// Publish stores payload in the user's history and sends it, as
+// notify.HistoryPublisher does, over this reader's connection (the
+// development demo page publishes through it).
+func (h *History) Publish(ctx context.Context, userID string, payload []byte, sharded bool) (notify.Published, error) {
+	c, err := h.conn()
+	if err != nil {
+		return notify.Published{}, err
+	}
+	return notify.NewHistoryPublisher(c, h.prefix, sharded, notify.HistoryOptions{}).Publish(ctx, userID, payload, "")
+}

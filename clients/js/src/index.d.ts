@@ -1,0 +1,96 @@
+/** Connection state of a NotificationClient. */
+export type State = "connecting" | "open" | "degraded" | "reconnecting" | "closed";
+
+/** A notification as published: the envelope {event, data}, plus id when it was published with history. */
+export interface Notification<D = unknown> {
+  id?: string;
+  event: string;
+  data: D;
+  [field: string]: unknown;
+}
+
+/** Why the app should refetch its state: history could not cover a gap. */
+export interface ResyncInfo {
+  /** resume.incomplete's reason (trimmed, reset, ahead, rollback, invalid, unavailable) or "restored_incomplete". */
+  reason?: string;
+  since?: string;
+}
+
+/** A terminal close: the client stopped and will not reconnect by itself. */
+export interface ClientError {
+  code: number;
+  errorCode?: string;
+  message: string;
+}
+
+export interface Logger {
+  debug?(...args: unknown[]): void;
+}
+
+/** A WebSocket constructor: the browser's, or the ws package's in Node. */
+export type WebSocketConstructor = new (url: any, protocols?: any) => WebSocketLike;
+
+export interface WebSocketLike {
+  readonly readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((ev: any) => void) | null;
+  onmessage: ((ev: any) => void) | null;
+  onclose: ((ev: any) => void) | null;
+  onerror: ((ev: any) => void) | null;
+}
+
+export interface ClientOptions {
+  /** Base URL of the service, ws(s):// or http(s)://; the client connects to /ws/v1/status/{userId}. */
+  url: string;
+  userId: string;
+  /** Called before every connect, on 4001 and before the token expires. */
+  getToken: () => string | Promise<string>;
+  /** WebSocket implementation (default: globalThis.WebSocket). */
+  WebSocket?: WebSocketConstructor;
+  /** First reconnect delay ceiling (default 500 ms); doubles per attempt. */
+  minDelayMs?: number;
+  /** Largest reconnect delay ceiling (default 30,000 ms). */
+  maxDelayMs?: number;
+  /** An open connection resets the backoff only after this long (default 5,000 ms). */
+  stableAfterMs?: number;
+  /** Send an app-level ping after this long without a frame (default 25,000 ms). */
+  idleMs?: number;
+  /** Reconnect when the ping is not answered within this (default 10,000 ms). */
+  pongTimeoutMs?: number;
+  /** How often liveness and token expiry are checked (default 5,000 ms). */
+  checkMs?: number;
+  /** The last id the app has seen, to resume from on the first connect. */
+  since?: string;
+  logger?: Logger;
+  /** Random source for the backoff jitter (default Math.random). */
+  random?: () => number;
+}
+
+export interface EventMap {
+  notification: Notification;
+  state: State;
+  resync: ResyncInfo;
+  error: ClientError;
+}
+
+export declare class NotificationClient {
+  constructor(options: ClientOptions);
+  readonly state: State;
+  /** The id to resume from: the last notification id or resume position seen. */
+  readonly lastEventId: string | undefined;
+  /** Adds a listener; returns the function that removes it. */
+  on<K extends keyof EventMap>(type: K, listener: (value: EventMap[K]) => void): () => void;
+  connect(): void;
+  close(): void;
+  /** close() and remove every listener the client added to the page. */
+  dispose(): void;
+  /** Checks the connection at once, e.g. after the device woke up. */
+  checkLiveness(): void;
+}
+
+/** Reads a JWT's exp (milliseconds) without verifying it. */
+export declare function tokenExpiry(token: string): number | undefined;
+
+/** The reconnect delay for attempt n (0-based): full jitter under a ceiling capped at maxDelayMs. */
+export declare function backoffDelay(attempt: number, minDelayMs: number, maxDelayMs: number, random?: () => number): number;

@@ -1,0 +1,362 @@
+// @huleedu/websocket-client: the official client of websocket-service.
+// One connection per NotificationClient to /ws/v1/status/{userId}; it
+// reconnects with backoff, refreshes the token in-band, detects dead sockets,
+// and resumes from the last notification id so the app sees every
+// notification once. Protocol: docs/protocol.md and docs/asyncapi.yaml.
+
+/** Close codes after which reconnecting cannot help (README "Close codes"). */
+const TERMINAL = new Set([4000, 4004, 1003, 1009]);
+/** Close codes that ask for a longer wait: the server is busy or we were too chatty. */
+const SLOW = new Set([1013, 4003]);
+
+const defaults = {
+  minDelayMs: 500,
+  maxDelayMs: 30000,
+  stableAfterMs: 5000, // an open connection resets the backoff only after this long
+  idleMs: 25000, // nothing received for this long: send an app-level ping
+  pongTimeoutMs: 10000, // no answer to that ping: the socket is dead, reconnect
+  checkMs: 5000, // how often liveness and token expiry are checked
+};
+
+/** Reads a JWT's exp (seconds) without verifying it: only to refresh in time. */
+export function tokenExpiry(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(part + "===".slice((part.length + 3) % 4))).exp;
+    return typeof exp === "number" ? exp * 1000 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The delay before reconnect attempt n (0-based): full jitter over
+ * [0, ceiling], the ceiling doubling from minDelayMs up to maxDelayMs. The cap
+ * bounds the range, not the result, so capped clients stay spread out.
+ */
+export function backoffDelay(attempt, minDelayMs, maxDelayMs, random = Math.random) {
+  const ceiling = Math.min(maxDelayMs, minDelayMs * 2 ** Math.min(attempt, 30));
+  return Math.round(random() * ceiling);
+}
+
+export class NotificationClient {
+  #o;
+  #ws = null;
+  #state = "closed";
+  #listeners = new Map();
+  #timer = null; // reconnect timer
+  #ticker = null; // liveness and refresh checks while open
+  #attempt = 0;
+  #authRetried = false;
+  #openedAt = 0;
+  #lastRx = 0;
+  #pingSentAt = 0;
+  #exp = undefined;
+  #tokenAt = 0;
+  #wakeTimer = null;
+  #refreshing = false;
+  #lastId;
+  #seen = new Set();
+  #wanted = false; // connect() called and not close()d
+  #gen = 0; // connection generation: events of a replaced socket are ignored
+  #unhook = [];
+
+  constructor(options) {
+    if (!options || !options.url || !options.userId || typeof options.getToken !== "function") {
+      throw new TypeError("NotificationClient needs url, userId and getToken");
+    }
+    this.#o = { ...defaults, ...options };
+    this.#lastId = options.since;
+    this.#hookPage();
+  }
+
+  /** "connecting" | "open" | "degraded" | "reconnecting" | "closed" */
+  get state() {
+    return this.#state;
+  }
+
+  /** The id to resume from: the last notification id or resume position seen. */
+  get lastEventId() {
+    return this.#lastId;
+  }
+
+  /** Adds a listener; returns the function that removes it. */
+  on(type, fn) {
+    if (!this.#listeners.has(type)) this.#listeners.set(type, new Set());
+    this.#listeners.get(type).add(fn);
+    return () => this.#listeners.get(type)?.delete(fn);
+  }
+
+  connect() {
+    this.#wanted = true;
+    if (this.#ws || this.#timer || this.#state === "connecting") return;
+    this.#attempt = 0;
+    this.#authRetried = false;
+    this.#open();
+  }
+
+  close() {
+    this.#wanted = false;
+    this.#stop(1000);
+    this.#setState("closed");
+  }
+
+  /** close() and remove every listener this client added to the page. */
+  dispose() {
+    this.close();
+    for (const off of this.#unhook) off();
+    this.#unhook = [];
+    this.#listeners.clear();
+  }
+
+  /** Checks the connection at once (e.g. after the device woke up). */
+  checkLiveness() {
+    if (this.#ws && this.#ws.readyState === 1) {
+      this.#ping();
+      clearTimeout(this.#wakeTimer);
+      this.#wakeTimer = setTimeout(() => this.#check(), this.#o.pongTimeoutMs);
+    } else if (this.#wanted && this.#timer) {
+      clearTimeout(this.#timer);
+      this.#timer = null;
+      this.#open();
+    }
+  }
+
+  #emit(type, value) {
+    for (const fn of [...(this.#listeners.get(type) || [])]) {
+      try {
+        fn(value);
+      } catch (e) {
+        this.#log("listener threw", e);
+      }
+    }
+  }
+
+  #log(...args) {
+    this.#o.logger?.debug?.("[websocket-client]", ...args);
+  }
+
+  #setState(s) {
+    if (this.#state === s) return;
+    this.#state = s;
+    this.#emit("state", s);
+  }
+
+  async #open() {
+    const gen = ++this.#gen;
+    this.#setState(this.#attempt === 0 && this.#state !== "reconnecting" ? "connecting" : "reconnecting");
+    let token;
+    try {
+      token = await this.#o.getToken();
+    } catch (e) {
+      this.#log("getToken failed", e);
+      if (gen === this.#gen && this.#wanted) this.#retry(false);
+      return;
+    }
+    if (gen !== this.#gen || !this.#wanted) return;
+    this.#exp = tokenExpiry(token);
+    this.#tokenAt = Date.now();
+    const base = String(this.#o.url).replace(/^http/, "ws").replace(/\/+$/, "");
+    const q = new URLSearchParams({ token, since: this.#lastId ?? "" });
+    const WS = this.#o.WebSocket || globalThis.WebSocket;
+    let ws;
+    try {
+      ws = new WS(`${base}/ws/v1/status/${encodeURIComponent(this.#o.userId)}?${q}`);
+    } catch (e) {
+      this.#log("WebSocket constructor failed", e);
+      this.#retry(false);
+      return;
+    }
+    this.#ws = ws;
+    ws.onopen = () => {
+      if (gen !== this.#gen) return;
+      this.#openedAt = this.#lastRx = Date.now();
+      this.#pingSentAt = 0;
+      this.#setState("open");
+      this.#ticker = setInterval(() => this.#check(), this.#o.checkMs);
+    };
+    ws.onmessage = (ev) => gen === this.#gen && this.#onFrame(ev.data);
+    ws.onclose = (ev) => gen === this.#gen && this.#onClose(ev.code, ev.reason);
+    ws.onerror = () => {}; // a close event always follows
+  }
+
+  #onFrame(data) {
+    this.#lastRx = Date.now();
+    this.#pingSentAt = 0;
+    let msg;
+    try {
+      msg = JSON.parse(typeof data === "string" ? data : String(data));
+    } catch {
+      return;
+    }
+    if (!msg || typeof msg !== "object") return;
+    switch (msg.event) {
+      case "pong":
+        return;
+      case "token.refreshed":
+        this.#refreshing = false;
+        return;
+      case "connection.degraded":
+        return this.#setState("degraded");
+      case "connection.restored":
+        this.#setState("open");
+        if (msg.data && msg.data.complete === false) this.#emit("resync", { reason: "restored_incomplete" });
+        return;
+      case "resume.position":
+        if (msg.data && msg.data.id) this.#lastId = msg.data.id;
+        return;
+      case "resume.incomplete":
+        return this.#emit("resync", { reason: msg.data?.reason, since: msg.data?.since });
+    }
+    if (typeof msg.id === "string") {
+      if (this.#seen.has(msg.id)) return;
+      this.#seen.add(msg.id);
+      if (this.#seen.size > 1000) this.#seen.delete(this.#seen.values().next().value);
+      this.#lastId = msg.id;
+    }
+    this.#emit("notification", msg);
+  }
+
+  #onClose(code, reasonText) {
+    clearInterval(this.#ticker);
+    this.#ticker = null;
+    this.#ws = null;
+    this.#refreshing = false;
+    let reason = {};
+    try {
+      reason = JSON.parse(reasonText || "{}");
+    } catch {}
+    const err = { code, errorCode: reason.error_code, message: reason.message || reasonText || "" };
+    this.#log("closed", err);
+    if (!this.#wanted) return;
+    if (this.#openedAt && Date.now() - this.#openedAt >= this.#o.stableAfterMs) {
+      this.#attempt = 0;
+      this.#authRetried = false;
+    }
+    this.#openedAt = 0;
+    const terminal = TERMINAL.has(code) || (code === 1008 && (err.errorCode !== "AUTHENTICATION_ERROR" || this.#authRetried));
+    if (terminal) {
+      this.#wanted = false;
+      this.#setState("closed");
+      this.#emit("error", err);
+      return;
+    }
+    if (code === 1008 || code === 4001) {
+      // a fresh token from getToken, at once (1008 only once in a row)
+      if (code === 1008) this.#authRetried = true;
+      this.#setState("reconnecting");
+      this.#open();
+      return;
+    }
+    this.#retry(SLOW.has(code));
+  }
+
+  #retry(slow) {
+    this.#setState("reconnecting");
+    const n = this.#attempt++ + (slow ? 3 : 0);
+    const delay = backoffDelay(n, this.#o.minDelayMs, this.#o.maxDelayMs, this.#o.random);
+    this.#log("reconnecting in", delay, "ms");
+    this.#timer = setTimeout(() => {
+      this.#timer = null;
+      if (this.#wanted) this.#open();
+    }, delay);
+  }
+
+  // Runs every checkMs while open (throttled timers only run it less often;
+  // every decision uses wall-clock time, so a late run still decides right).
+  #check() {
+    const ws = this.#ws;
+    if (!ws || ws.readyState !== 1) return;
+    const now = Date.now();
+    if (this.#pingSentAt && now - this.#pingSentAt >= this.#o.pongTimeoutMs) {
+      this.#log("no pong: reconnecting");
+      this.#drop();
+      return;
+    }
+    if (!this.#pingSentAt && now - this.#lastRx >= this.#o.idleMs) this.#ping();
+    this.#maybeRefresh(now);
+  }
+
+  #ping() {
+    if (!this.#pingSentAt) this.#pingSentAt = Date.now();
+    this.#send({ type: "ping" });
+  }
+
+  async #maybeRefresh(now) {
+    if (this.#refreshing || this.#exp === undefined) return;
+    const lifetime = this.#exp - this.#tokenAt;
+    const margin = Math.min(Math.max(lifetime / 2, 0), 120000);
+    if (now < this.#exp - margin) return;
+    this.#refreshing = true;
+    const gen = this.#gen;
+    try {
+      const token = await this.#o.getToken();
+      if (gen !== this.#gen || !this.#ws) return;
+      const exp = tokenExpiry(token);
+      if (exp === undefined || exp <= (this.#exp ?? 0)) {
+        this.#refreshing = false; // not newer: try again on a later check
+        return;
+      }
+      this.#exp = exp;
+      this.#tokenAt = Date.now();
+      this.#send({ type: "refresh", token });
+    } catch (e) {
+      this.#log("getToken failed for refresh", e);
+      this.#refreshing = false;
+    }
+  }
+
+  #send(frame) {
+    try {
+      this.#ws?.send(JSON.stringify(frame));
+    } catch (e) {
+      this.#log("send failed", e);
+    }
+  }
+
+  // Abandons the current socket (dead or paused) and reconnects after backoff.
+  #drop() {
+    this.#stop(4100);
+    if (this.#wanted) this.#retry(false);
+  }
+
+  #stop(code) {
+    this.#gen++;
+    clearTimeout(this.#timer);
+    clearTimeout(this.#wakeTimer);
+    clearInterval(this.#ticker);
+    this.#timer = this.#ticker = this.#wakeTimer = null;
+    const ws = this.#ws;
+    this.#ws = null;
+    this.#refreshing = false;
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = null;
+      try {
+        ws.close(code);
+      } catch {}
+    }
+  }
+
+  #hookPage() {
+    const add = (target, type, fn) => {
+      if (!target?.addEventListener) return;
+      target.addEventListener(type, fn);
+      this.#unhook.push(() => target.removeEventListener(type, fn));
+    };
+    const win = typeof window === "undefined" ? undefined : window;
+    const doc = typeof document === "undefined" ? undefined : document;
+    const wake = () => this.#wanted && this.checkLiveness();
+    add(win, "online", wake);
+    add(win, "pageshow", (e) => {
+      if (!e.persisted || !this.#wanted) return wake();
+      this.#attempt = 0; // restored from the back/forward cache: connect again
+      if (!this.#ws && !this.#timer) this.#open();
+    });
+    add(win, "pagehide", () => {
+      if (!this.#wanted) return;
+      this.#stop(1000); // lets the page enter the back/forward cache
+      this.#setState("reconnecting");
+    });
+    add(doc, "visibilitychange", () => doc.visibilityState === "visible" && wake());
+  }
+}
