@@ -2,7 +2,7 @@
 # Runs every test with the race detector. Installs redis-server (Debian) when
 # missing: integration tests start their own redis-server processes on free
 # loopback ports and never use the Redis on 6379. Installs Debian's chromium
-# for the browser test when it can (that one test skips without it).
+# for the browser tests when it can (they skip without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,5 +20,16 @@ if ! command -v chromium >/dev/null 2>&1; then
     { $SUDO apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null 2>&1; } ||
     echo "chromium could not be installed: the browser test will skip" >&2
 fi
+
+# The browser client's tests (node --test, ws, playwright-core, tsc,
+# @asyncapi/parser) run inside `go test` (clients/js/js_test.go) from the
+# packages the committed lockfile names.
+if ! command -v npm >/dev/null 2>&1; then
+  echo "npm not found: installing nodejs and npm with apt-get" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm
+fi
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error)
 
 go test -race -count=1 -timeout 20m ./... "$@"

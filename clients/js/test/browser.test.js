@@ -1,0 +1,162 @@
+// The library and the demo page in real Chromium (Debian's, through
+// playwright-core): headless, the flags of internal/browsertest, a fresh
+// profile per launch (playwright's own temporary one). The Go harness runs
+// this inside a PID namespace, so Chromium's crash handlers die with it.
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { mkdirSync } from "node:fs";
+import path from "node:path";
+import { chromium } from "playwright-core";
+import { publish, startRedis, startService, waitFor } from "./helpers.js";
+
+const executablePath = process.env.CHROMIUM;
+const skip = executablePath ? false : "chromium not installed (scripts/test.sh installs it)";
+const artifacts = process.env.TEST_ARTIFACTS_DIR || path.resolve("test-artifacts");
+const flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"];
+
+let redis, svc, browser;
+
+before(async () => {
+  if (skip) return;
+  redis = await startRedis();
+  // JWT_SECRET_KEY unset: development secret, so the demo page mints tokens.
+  svc = await startService(redis, { JWT_SECRET_KEY: "" });
+  browser = await chromium.launch({ executablePath, headless: true, args: flags, timeout: 60000 });
+});
+
+after(async () => {
+  await browser?.close();
+  await svc?.stop();
+  await redis?.stop();
+});
+
+async function demoPage(user) {
+  const context = await browser.newContext({ viewport: { width: 1000, height: 720 } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(20000);
+  await page.goto(`${svc.http}/demo`);
+  await page.fill("#user", user);
+  await page.click("#connect");
+  await page.waitForSelector('#state[data-state="open"]');
+  return { context, page };
+}
+
+const items = (page) => page.$$eval("#list li", (lis) => lis.map((li) => ({ id: li.dataset.id, event: li.dataset.event })).reverse());
+
+test("demo page: connects, shows notifications from the form and from the CLI, survives a service restart", { skip }, async () => {
+  const user = `demo-${process.pid}`;
+  const { context, page } = await demoPage(user);
+  try {
+    await page.fill("#event", "batch_phase_concluded");
+    await page.fill("#data", '{"batch_id":"b-1"}');
+    await page.click("#publish");
+    await waitFor(async () => (await items(page)).length === 1, "the form's notification");
+    const cli = await publish(redis, user, "essay_status_updated", { essay_id: "e-1", status: "graded" });
+    await waitFor(async () => (await items(page)).length === 2, "the CLI's notification");
+
+    await svc.proc.kill();
+    await page.waitForSelector('#state:not([data-state="open"])');
+    const whileDown = await publish(redis, user, "published_while_down", {});
+    await waitFor(() => svc.start(), "service restarted", 20000);
+    await page.waitForSelector('#state[data-state="open"]', { timeout: 30000 });
+    const afterRestart = await publish(redis, user, "after_restart", {});
+    await waitFor(async () => (await items(page)).length === 4, "every notification");
+    const got = await items(page);
+    assert.deepEqual(got.map((i) => i.event), ["batch_phase_concluded", "essay_status_updated", "published_while_down", "after_restart"]);
+    assert.deepEqual(got.slice(1).map((i) => i.id), [cli, whileDown, afterRestart]);
+    mkdirSync(artifacts, { recursive: true });
+    await page.screenshot({ path: path.join(artifacts, "demo.png"), fullPage: true });
+  } finally {
+    await context.close();
+  }
+});
+
+test("the tab loses its network and gets it back: what was published meanwhile arrives once", { skip }, async () => {
+  const user = `offline-${process.pid}`;
+  const { context, page } = await demoPage(user);
+  try {
+    const first = await publish(redis, user, "before", {});
+    await waitFor(async () => (await items(page)).length === 1, "first notification");
+    await context.setOffline(true);
+    // Chromium's offline emulation fails new connections; the open socket may
+    // live on. Either way the app must end with everything, once.
+    const during = [await publish(redis, user, "offline_1", {}), await publish(redis, user, "offline_2", {})];
+    await page.evaluate(() => window.demoClient.checkLiveness());
+    await context.setOffline(false);
+    const back = await publish(redis, user, "back", {});
+    await waitFor(async () => (await items(page)).length === 4, "every notification", 30000);
+    assert.deepEqual((await items(page)).map((i) => i.id), [first, ...during, back]);
+    await page.waitForSelector('#state[data-state="open"]');
+  } finally {
+    await context.close();
+  }
+});
+
+test("a dead socket in a page whose timers run late: the wall-clock check reconnects; online checks at once", { skip }, async () => {
+  const frozen = await startService(redis, { JWT_SECRET_KEY: "" });
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  try {
+    await page.clock.install();
+    await page.goto(`${frozen.http}/demo`);
+    await page.evaluate(async () => {
+      const { NotificationClient } = await import("/demo/client.js");
+      const token = async () => (await (await fetch("/demo/token", { method: "POST", body: JSON.stringify({ user: "sleeper" }) })).json()).token;
+      window.states = [];
+      window.c = new NotificationClient({ url: location.origin, userId: "sleeper", getToken: token });
+      window.c.on("state", (s) => window.states.push(s));
+      window.c.connect();
+    });
+    await waitFor(() => page.evaluate(() => window.c.state === "open"), "open");
+    frozen.proc.signal("SIGSTOP");
+    // A throttled hidden tab runs the check about once a minute: jump a minute.
+    await page.clock.runFor(60_000);
+    await page.clock.runFor(60_000);
+    await waitFor(() => page.evaluate(() => window.c.state === "reconnecting"), "reconnecting after the unanswered ping");
+    frozen.proc.signal("SIGCONT");
+    await page.clock.runFor(60_000);
+    await waitFor(() => page.evaluate(() => window.c.state === "open"), "open again");
+
+    // Coming back online checks at once: a ping now, the verdict pongTimeout later.
+    frozen.proc.signal("SIGSTOP");
+    await page.evaluate(() => window.dispatchEvent(new Event("online")));
+    await page.clock.runFor(10_000);
+    await waitFor(() => page.evaluate(() => window.c.state === "reconnecting"), "reconnecting after online");
+    frozen.proc.signal("SIGCONT");
+    await page.clock.runFor(60_000);
+    await waitFor(() => page.evaluate(() => window.c.state === "open"), "open again");
+  } finally {
+    frozen.proc.signal("SIGCONT");
+    await context.close();
+    await frozen.stop();
+  }
+});
+
+test("dispose() removes every listener the client added to the page", { skip }, async () => {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  try {
+    await page.addInitScript(() => {
+      window.listeners = 0;
+      for (const target of [window, document]) {
+        const add = target.addEventListener.bind(target);
+        const remove = target.removeEventListener.bind(target);
+        target.addEventListener = (...a) => (window.listeners++, add(...a));
+        target.removeEventListener = (...a) => (window.listeners--, remove(...a));
+      }
+    });
+    await page.goto(`${svc.http}/demo`);
+    const counts = await page.evaluate(async () => {
+      const before = window.listeners;
+      const { NotificationClient } = await import("/demo/client.js");
+      const c = new NotificationClient({ url: location.origin, userId: "u", getToken: () => "t" });
+      const during = window.listeners;
+      c.dispose();
+      return { added: during - before, left: window.listeners - before };
+    });
+    assert.ok(counts.added >= 4, `added ${counts.added}`);
+    assert.equal(counts.left, 0);
+  } finally {
+    await context.close();
+  }
+});

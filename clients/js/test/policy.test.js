@@ -1,0 +1,196 @@
+// Close-code policy, backoff and de-duplication, against a scripted ws
+// server: codes the real service only sends on misbehaviour (1003, 1009) or
+// that belong to later issues (4004) are easiest to produce here. The real
+// service is in client.test.js.
+import { after, test } from "node:test";
+import assert from "node:assert/strict";
+import WebSocket, { WebSocketServer } from "ws";
+import { NotificationClient, backoffDelay, tokenExpiry } from "../src/index.js";
+import { mint, waitFor } from "./helpers.js";
+
+const servers = [];
+after(async () => {
+  for (const s of servers) {
+    for (const c of s.clients) c.terminate();
+    await new Promise((r) => s.close(r));
+  }
+});
+
+/** A server that runs onConnection for each accepted socket; its url and the connections it saw. */
+async function scripted(onConnection) {
+  const wss = new WebSocketServer({ host: "127.0.0.1", port: 0 });
+  servers.push(wss);
+  await new Promise((r) => wss.on("listening", r));
+  const seen = [];
+  wss.on("connection", (ws, req) => {
+    seen.push(new URL(req.url, "http://x"));
+    onConnection(ws, seen.length);
+  });
+  return { url: `ws://127.0.0.1:${wss.address().port}`, seen };
+}
+
+const reason = (code, error_code) => JSON.stringify({ error_code, message: "m" });
+
+for (const [code, errorCode] of [[4000, "QUOTA_EXCEEDED"], [4004, "REVOKED"], [1003, "UNSUPPORTED_DATA"], [1009, "MESSAGE_TOO_BIG"], [1008, "AUTHORIZATION_ERROR"]]) {
+  test(`${code} ${errorCode} is terminal: closed, one error, no reconnect`, async () => {
+    const srv = await scripted((ws) => ws.close(code, reason(code, errorCode)));
+    const c = new NotificationClient({ url: srv.url, WebSocket, userId: "u", getToken: () => mint("u"), minDelayMs: 1, maxDelayMs: 1 });
+    const errors = [];
+    c.on("error", (e) => errors.push(e));
+    c.connect();
+    await waitFor(() => c.state === "closed", "closed");
+    assert.deepEqual(errors, [{ code, errorCode, message: "m" }]);
+    assert.equal(srv.seen.length, 1);
+    c.dispose();
+  });
+}
+
+for (const [code, errorCode] of [[1001, "SERVER_SHUTDOWN"], [1011, "INTERNAL_ERROR"], [1013, "SERVER_BUSY"], [4002, "SLOW_CONSUMER"], [4003, "RATE_LIMITED"]]) {
+  test(`${code} ${errorCode}: reconnects after a backoff`, async () => {
+    const srv = await scripted((ws, n) => n === 1 && ws.close(code, reason(code, errorCode)));
+    const delays = [];
+    const c = new NotificationClient({
+      url: srv.url, WebSocket, userId: "u", getToken: () => mint("u"), minDelayMs: 10, maxDelayMs: 1000, random: () => 1,
+      logger: { debug: (...a) => a[1] === "reconnecting in" && delays.push(a[2]) },
+    });
+    c.connect();
+    await waitFor(() => srv.seen.length === 2 && c.state === "open", "second connection open");
+    // 1013 and 4003 start three doublings later (80 ms), the others at the floor (10 ms).
+    assert.deepEqual(delays, [code === 1013 || code === 4003 ? 80 : 10]);
+    c.dispose();
+  });
+}
+
+test("a server that accepts then closes at once: delays keep growing to the cap, no tight loop", async () => {
+  const srv = await scripted((ws) => ws.close(1011, reason(1011, "INTERNAL_ERROR")));
+  const delays = [];
+  const c = new NotificationClient({
+    url: srv.url, WebSocket, userId: "u", getToken: () => mint("u"), minDelayMs: 5, maxDelayMs: 40, random: () => 1,
+    logger: { debug: (...a) => a[1] === "reconnecting in" && delays.push(a[2]) },
+  });
+  c.connect();
+  await waitFor(() => delays.length >= 6, "six reconnects");
+  c.dispose();
+  assert.deepEqual(delays.slice(0, 6), [5, 10, 20, 40, 40, 40]);
+});
+
+test("the server unreachable (1006): reconnect attempts back off", async () => {
+  const srv = await scripted(() => {});
+  const url = srv.url;
+  const wss = servers.pop();
+  await new Promise((r) => wss.close(r));
+  const delays = [];
+  const c = new NotificationClient({
+    url, WebSocket, userId: "u", getToken: () => mint("u"), minDelayMs: 5, maxDelayMs: 20, random: () => 1,
+    logger: { debug: (...a) => a[1] === "reconnecting in" && delays.push(a[2]) },
+  });
+  const states = [];
+  c.on("state", (s) => states.push(s));
+  c.connect();
+  await waitFor(() => delays.length >= 4, "four attempts");
+  c.dispose();
+  assert.deepEqual(delays.slice(0, 4), [5, 10, 20, 20]);
+  assert.deepEqual(states.slice(0, 2), ["connecting", "reconnecting"]);
+  assert.equal(states.at(-1), "closed");
+});
+
+test("backoffDelay: full jitter under a ceiling that doubles and is capped before the jitter", () => {
+  assert.equal(backoffDelay(0, 500, 30000, () => 1), 500);
+  assert.equal(backoffDelay(3, 500, 30000, () => 1), 4000);
+  assert.equal(backoffDelay(20, 500, 30000, () => 1), 30000);
+  assert.equal(backoffDelay(1000, 500, 30000, () => 0.5), 15000); // capped clients still spread
+  assert.equal(backoffDelay(20, 500, 30000, () => 0), 0);
+  for (let i = 0; i < 1000; i++) {
+    const d = backoffDelay(i % 40, 500, 30000);
+    assert.ok(d >= 0 && d <= 30000, `delay ${d}`);
+  }
+});
+
+test("tokenExpiry reads exp without verifying; anything else is undefined", () => {
+  const t = mint("u", 100);
+  const exp = tokenExpiry(t);
+  assert.ok(Math.abs(exp - (Date.now() + 100000)) < 2000);
+  assert.equal(tokenExpiry("nope"), undefined);
+  assert.equal(tokenExpiry("a.e30.b"), undefined); // {} has no exp
+});
+
+test("a notification id seen before is not emitted twice, even across reconnects", async () => {
+  const frames = [
+    { id: "a-1-x", event: "n", data: 1 },
+    { id: "a-2-x", event: "n", data: 2 },
+  ];
+  const srv = await scripted((ws, n) => {
+    if (n === 1) {
+      for (const f of frames) ws.send(JSON.stringify(f));
+      ws.send(JSON.stringify(frames[1]));
+      ws.close(1001, reason(1001, "SERVER_SHUTDOWN"));
+    } else {
+      for (const f of frames) ws.send(JSON.stringify(f)); // a server that replays too much
+      ws.send(JSON.stringify({ id: "a-3-x", event: "n", data: 3 }));
+    }
+  });
+  const c = new NotificationClient({ url: srv.url, WebSocket, userId: "u", getToken: () => mint("u"), minDelayMs: 1, maxDelayMs: 1 });
+  const got = [];
+  c.on("notification", (n) => got.push(n.data));
+  c.connect();
+  await waitFor(() => got.includes(3), "third notification");
+  c.dispose();
+  assert.deepEqual(got, [1, 2, 3]);
+  assert.equal(srv.seen[1].searchParams.get("since"), "a-2-x");
+  assert.equal(srv.seen[0].searchParams.get("since"), "");
+});
+
+test("connects to /ws/v1/status/{userId} with token and since; http(s) URLs become ws(s)", async () => {
+  const srv = await scripted(() => {});
+  const c = new NotificationClient({ url: srv.url.replace("ws:", "http:") + "/", WebSocket, userId: "user/é", getToken: () => "tok", since: "s-1" });
+  c.connect();
+  await waitFor(() => c.state === "open", "open");
+  c.dispose();
+  const u = srv.seen[0];
+  assert.equal(u.pathname, "/ws/v1/status/user%2F%C3%A9");
+  assert.equal(u.searchParams.get("token"), "tok");
+  assert.equal(u.searchParams.get("since"), "s-1");
+});
+
+test("degraded and restored map to states; restored incomplete and resume.incomplete become resync", async () => {
+  const srv = await scripted((ws) => {
+    ws.send(JSON.stringify({ event: "connection.degraded", data: { reason: "redis_unavailable" } }));
+    ws.on("message", (m) => {
+      if (JSON.parse(m).type === "ping") {
+        ws.send(JSON.stringify({ event: "connection.restored", data: { complete: false } }));
+        ws.send(JSON.stringify({ event: "resume.incomplete", data: { since: "x", reason: "trimmed" } }));
+        ws.send(JSON.stringify({ event: "resume.position", data: { id: "p-9-z" } }));
+      }
+    });
+  });
+  const c = new NotificationClient({ url: srv.url, WebSocket, userId: "u", getToken: () => mint("u") });
+  const states = [];
+  const resyncs = [];
+  const notes = [];
+  c.on("state", (s) => states.push(s));
+  c.on("resync", (r) => resyncs.push(r));
+  c.on("notification", (n) => notes.push(n));
+  c.connect();
+  await waitFor(() => c.state === "degraded", "degraded");
+  c.checkLiveness(); // sends a ping
+  await waitFor(() => resyncs.length === 2, "two resyncs");
+  c.dispose();
+  assert.deepEqual(states, ["connecting", "open", "degraded", "open", "closed"]);
+  assert.deepEqual(resyncs, [{ reason: "restored_incomplete" }, { reason: "trimmed", since: "x" }]);
+  assert.equal(c.lastEventId, "p-9-z");
+  assert.equal(notes.length, 0);
+});
+
+test("on() returns a function that removes the listener", async () => {
+  const srv = await scripted((ws) => ws.send(JSON.stringify({ event: "n", data: 1 })));
+  const c = new NotificationClient({ url: srv.url, WebSocket, userId: "u", getToken: () => mint("u") });
+  let a = 0;
+  let b = 0;
+  const offA = c.on("notification", () => a++);
+  c.on("notification", () => b++);
+  offA();
+  c.connect();
+  await waitFor(() => b === 1, "notification");
+  c.dispose();
+  assert.equal(a, 0);
+});
