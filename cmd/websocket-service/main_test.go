@@ -280,3 +280,54 @@ func TestListenPrintsNotifications(t *testing.T) {
 		t.Fatal("listen did not stop on interrupt")
 	}
 }
+
+// TestDemoOnlyOutsideProduction: the demo page, its client module and its
+// publish endpoint exist in development and are 404 in production; tokens
+// are minted only while the development secret is in use.
+func TestDemoOnlyOutsideProduction(t *testing.T) {
+	redis := redistest.Start(t)
+	status := func(s *server, method, path, body string) int {
+		req, _ := http.NewRequest(method, s.url("http")+path, strings.NewReader(body))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	publish := `{"user":"demo-u","event":"e","data":{"k":1}}`
+
+	dev := startServe(t, map[string]string{"REDIS_URL": redis.URL(), "JWT_SECRET_KEY": ""})
+	for path, want := range map[string]int{"/demo": 200, "/demo/client.js": 200} {
+		if got := status(dev, "GET", path, ""); got != want {
+			t.Errorf("development GET %s: %d, want %d", path, got, want)
+		}
+	}
+	if got := status(dev, "POST", "/demo/token", `{"user":"demo-u"}`); got != 200 {
+		t.Errorf("development POST /demo/token with the development secret: %d", got)
+	}
+	if got := status(dev, "POST", "/demo/publish", publish); got != 200 {
+		t.Errorf("development POST /demo/publish: %d", got)
+	}
+	if n, err := redis.Do("LLEN", "{ws:demo-u}:h"); err != nil || n != "1" {
+		t.Errorf("history after the demo publish: %q %v", n, err)
+	}
+	if got := status(dev, "POST", "/demo/publish", `{"user":"demo-u"}`); got != 400 {
+		t.Errorf("POST /demo/publish without an event: %d, want 400", got)
+	}
+
+	withSecret := startServe(t, map[string]string{"REDIS_URL": redis.URL()})
+	if got := status(withSecret, "POST", "/demo/token", `{"user":"demo-u"}`); got != 404 {
+		t.Errorf("POST /demo/token with JWT_SECRET_KEY set: %d, want 404", got)
+	}
+
+	prod := startServe(t, map[string]string{"REDIS_URL": redis.URL(), "ENVIRONMENT": "production"})
+	for _, r := range [][2]string{{"GET", "/demo"}, {"GET", "/demo/client.js"}, {"POST", "/demo/publish"}, {"POST", "/demo/token"}} {
+		if got := status(prod, r[0], r[1], publish); got != 404 {
+			t.Errorf("production %s %s: %d, want 404", r[0], r[1], got)
+		}
+	}
+	if got := status(prod, "GET", "/healthz", ""); got != 200 {
+		t.Errorf("production /healthz: %d", got)
+	}
+}
