@@ -52,6 +52,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return publish(ctx, args, getenv, stdout, stderr)
 	case "token":
 		return token(args, getenv, stdout, stderr)
+	case "disconnect":
+		return disconnect(ctx, args, getenv, stdout, stderr)
 	case "listen":
 		return listen(ctx, args, getenv, stdout, stderr)
 	case "version":
@@ -69,6 +71,7 @@ Usage:
   websocket-service [serve]        run the gateway (the default)
   websocket-service publish ...    publish a notification to a user's channel
   websocket-service token ...      mint a development token
+  websocket-service disconnect ... close a user's sockets everywhere (4004), optionally revoke their tokens
   websocket-service listen ...     connect as a user and print each notification
   websocket-service version        print the version
 

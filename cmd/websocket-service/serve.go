@@ -102,7 +102,14 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 		return err
 	}
 	defer hist.Close()
-	auth, err := jwtauth.New(jwtauth.Options{Secret: cfg.JWTSecret, Algorithm: cfg.JWTAlgorithm, Audience: cfg.JWTAudience, Issuer: cfg.JWTIssuer})
+	var jwks *jwtauth.JWKS
+	if cfg.JWKSURL != "" {
+		if jwks, err = jwtauth.NewJWKS(jwtauth.JWKSOptions{URL: cfg.JWKSURL, Refresh: cfg.JWKSRefresh, Logger: log.With("component", "jwks")}); err != nil {
+			return err
+		}
+		defer jwks.Close()
+	}
+	auth, err := jwtauth.New(authOptions(cfg, jwks))
 	if err != nil {
 		return err
 	}
@@ -162,6 +169,12 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 	}
 	log.Info("shutdown complete")
 	return nil
+}
+
+// authOptions are the validator's settings from the configuration.
+func authOptions(cfg config.Config, jwks *jwtauth.JWKS) jwtauth.Options {
+	return jwtauth.Options{Algorithms: cfg.JWTAlgorithms, Secret: cfg.JWTSecret, PublicKeys: cfg.JWTPublicKeys, JWKS: jwks,
+		Audience: cfg.JWTAudience, Issuer: cfg.JWTIssuer}
 }
 
 // withDemo adds the development demo page (/demo, /demo/client.js,

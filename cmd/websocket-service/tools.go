@@ -2,11 +2,14 @@ package main
 
 import (
 	"context"
+	"crypto"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/url"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -47,22 +50,9 @@ func publish(ctx context.Context, args []string, getenv func(string) string, std
 		}
 		payload, _ = json.Marshal(notify.Notification{Event: *event, Data: json.RawMessage(*data)})
 	}
-	cfg, err := config.Load(getenv)
+	cfg, client, err := toolClient(getenv)
 	if err != nil {
 		return err
-	}
-	topo := topology(cfg)
-	if !cfg.RedisConfigured() {
-		topo.URL = config.DefaultRedisURL
-	}
-	opt, err := topo.ClientOption()
-	if err != nil {
-		return err
-	}
-	opt.AlwaysRESP2 = !cfg.RedisConfigured() // the embedded development server speaks RESP2 only
-	client, err := rueidis.NewClient(opt)
-	if err != nil {
-		return fmt.Errorf("connect to %s: %w", topo.Describe(), err)
 	}
 	defer client.Close()
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -93,12 +83,75 @@ func publish(ctx context.Context, args []string, getenv func(string) string, std
 	return nil
 }
 
-// token mints a development token signed with JWT_SECRET_KEY.
+// toolClient connects the operator tools to the configured Redis (the
+// development default when none is).
+func toolClient(getenv func(string) string) (config.Config, rueidis.Client, error) {
+	cfg, err := config.Load(getenv)
+	if err != nil {
+		return cfg, nil, err
+	}
+	topo := topology(cfg)
+	if !cfg.RedisConfigured() {
+		topo.URL = config.DefaultRedisURL
+	}
+	opt, err := topo.ClientOption()
+	if err != nil {
+		return cfg, nil, err
+	}
+	opt.AlwaysRESP2 = !cfg.RedisConfigured() // the embedded development server speaks RESP2 only
+	client, err := rueidis.NewClient(opt)
+	if err != nil {
+		return cfg, nil, fmt.Errorf("connect to %s: %w", topo.Describe(), err)
+	}
+	return cfg, client, nil
+}
+
+// disconnect closes a user's sockets on every instance (4004) and can
+// revoke the user's tokens issued up to now.
+func disconnect(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("disconnect",
+		"Close every socket of a user on every gateway instance with 4004 REVOKED (notify/disconnect.lua);\n"+
+			"with --revoke, also refuse the user's tokens issued up to now (iat <= now, or no iat) for --revoke-for.\n"+
+			"Prints the number of gateway instances that held the user, and the revocation time (unix seconds, 0 without --revoke).",
+		[]string{"REDIS_URL (default redis://127.0.0.1:6379), or REDIS_CLUSTER_NODES, or REDIS_SENTINEL_ADDRS + REDIS_SENTINEL_MASTER",
+			"REDIS_USERNAME, REDIS_PASSWORD, REDIS_TLS (cluster/Sentinel)", "REDIS_PUBSUB_MODE (sharded: SPUBLISH)", "REDIS_CHANNEL_PREFIX (default ws)"}, stderr)
+	user := fs.String("user", "", "user id (the token's sub)")
+	reason := fs.String("reason", "", "shown to the client in the close reason (cut to fit 123 bytes)")
+	revoke := fs.Bool("revoke", false, "also refuse the user's tokens issued up to now")
+	revokeFor := fs.Duration("revoke-for", notify.DefaultRevokeFor, "how long the revocation is kept: your tokens' longest lifetime")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *user == "" {
+		fs.Usage()
+		return errors.New("disconnect needs --user")
+	}
+	cfg, client, err := toolClient(getenv)
+	if err != nil {
+		return err
+	}
+	defer client.Close()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	res, err := notify.NewDisconnecter(client, cfg.ChannelPrefix, cfg.PubSubMode == "sharded").
+		Disconnect(ctx, *user, notify.DisconnectOptions{Reason: *reason, Revoke: *revoke, RevokeFor: *revokeFor})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "%d %d\n", res.Receivers, res.RevokedAt)
+	return nil
+}
+
+// token mints a development token signed with JWT_SECRET_KEY, or with a
+// private key (--key-file) for asymmetric configurations.
 func token(args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("token", "Mint a token signed with JWT_SECRET_KEY (adding aud/iss when configured).",
+	fs := newFlagSet("token", "Mint a token signed with JWT_SECRET_KEY, or with --key-file (adding aud/iss when configured).",
 		[]string{"JWT_SECRET_KEY", "JWT_ALGORITHM", "JWT_AUDIENCE", "JWT_ISSUER"}, stderr)
 	sub := fs.String("sub", "", "the user id (sub claim)")
 	ttl := fs.Duration("ttl", time.Hour, "lifetime")
+	keyFile := fs.String("key-file", "", "PEM private key (RSA, ECDSA or Ed25519) to sign with instead of JWT_SECRET_KEY")
+	kid := fs.String("kid", "", "key id for the header (JWKS configurations select keys by kid)")
+	alg := fs.String("alg", "", "algorithm with --key-file (default: the first of JWT_ALGORITHM that fits the key)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -106,7 +159,13 @@ func token(args []string, getenv func(string) string, stdout, stderr io.Writer) 
 		fs.Usage()
 		return errors.New("token needs --sub")
 	}
-	t, err := mint(getenv, *sub, *ttl)
+	var t string
+	var err error
+	if *keyFile != "" {
+		t, err = mintWithKey(getenv, *keyFile, *alg, *kid, *sub, *ttl)
+	} else {
+		t, err = mint(getenv, *sub, *ttl)
+	}
 	if err != nil {
 		return err
 	}
@@ -119,11 +178,40 @@ func mint(getenv func(string) string, sub string, ttl time.Duration) (string, er
 	if err != nil {
 		return "", err
 	}
-	v, err := jwtauth.New(jwtauth.Options{Secret: cfg.JWTSecret, Algorithm: cfg.JWTAlgorithm, Audience: cfg.JWTAudience, Issuer: cfg.JWTIssuer})
+	v, err := jwtauth.New(authOptions(cfg, nil))
 	if err != nil {
 		return "", err
 	}
 	return v.Mint(sub, ttl)
+}
+
+// mintWithKey signs with a private key; it reads only the JWT_* variables
+// it needs, so it works without the service's key configuration.
+func mintWithKey(getenv func(string) string, keyFile, alg, kid, sub string, ttl time.Duration) (string, error) {
+	data, err := os.ReadFile(keyFile)
+	if err != nil {
+		return "", fmt.Errorf("--key-file: %w", err)
+	}
+	key, err := jwtauth.ParsePrivateKey(data)
+	if err != nil {
+		return "", fmt.Errorf("--key-file: %w", err)
+	}
+	if alg == "" {
+		alg = jwtauth.DefaultAlgorithm(key.Public(), getenv("JWT_ALGORITHM"))
+		if alg == "" {
+			return "", fmt.Errorf("--key-file holds a %T that no algorithm of JWT_ALGORITHM fits: pass --alg", key)
+		}
+	}
+	algs, err := jwtauth.ParseAlgorithms(alg)
+	if err != nil || jwtauth.IsHMAC(algs) {
+		return "", fmt.Errorf("--alg %q: want an asymmetric algorithm", alg)
+	}
+	v, err := jwtauth.New(jwtauth.Options{Algorithms: algs, PublicKeys: []crypto.PublicKey{key.Public()},
+		Audience: strings.TrimSpace(getenv("JWT_AUDIENCE")), Issuer: strings.TrimSpace(getenv("JWT_ISSUER"))})
+	if err != nil {
+		return "", fmt.Errorf("--key-file with --alg %s: %w", algs[0], err)
+	}
+	return v.MintWith(algs[0], key, kid, sub, ttl)
 }
 
 // listen connects as a user and prints each notification as one line.

@@ -282,3 +282,30 @@ func (h *History) Publish(ctx context.Context, userID string, payload []byte, sh
 	}
 	return notify.NewHistoryPublisher(c, h.prefix, sharded, notify.HistoryOptions{}).Publish(ctx, userID, payload, "")
 }
+
+// RevokedAt returns, for each user, the time (unix seconds) up to which the
+// user's tokens are revoked (notify.Disconnect with Revoke), 0 when none, in
+// one pipeline. It reads beside the history because it lives in the same
+// slot and the same failure domain.
+func (h *History) RevokedAt(ctx context.Context, users []string) ([]int64, error) {
+	c, err := h.conn()
+	if err != nil {
+		return nil, err
+	}
+	cmds := make(rueidis.Commands, len(users))
+	for i, u := range users {
+		cmds[i] = c.B().Get().Key(notify.RevocationKey(notify.Channel(h.prefix, u))).Build()
+	}
+	out := make([]int64, len(users))
+	for i, res := range c.DoMulti(ctx, cmds...) {
+		n, err := res.AsInt64()
+		if rueidis.IsRedisNil(err) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read revocation: %w", err)
+		}
+		out[i] = n
+	}
+	return out, nil
+}

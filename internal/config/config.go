@@ -3,14 +3,20 @@
 package config
 
 import (
+	"crypto"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/url"
+	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/huleedu/websocket-service/internal/jwtauth"
 )
 
 // DevJWTSecret signs tokens in development when JWT_SECRET_KEY is unset.
@@ -34,20 +40,23 @@ type Config struct {
 	Host string // WEBSOCKET_HOST
 	Port int    // WEBSOCKET_PORT
 
-	JWTSecret       []byte   // JWT_SECRET_KEY
+	JWTSecret       []byte   // JWT_SECRET_KEY (HMAC algorithms only)
 	JWTSecretIsDev  bool     // true when JWT_SECRET_KEY was unset and DevJWTSecret is used
-	JWTAlgorithm    string   // JWT_ALGORITHM
-	JWTAudience     string   // JWT_AUDIENCE
-	JWTIssuer       string   // JWT_ISSUER
-	RedisURL        string   // REDIS_URL ("" in development: probe 127.0.0.1:6379, else embedded)
-	ClusterNodes    []string // REDIS_CLUSTER_NODES: seed host:port list
-	SentinelAddrs   []string // REDIS_SENTINEL_ADDRS
-	SentinelMaster  string   // REDIS_SENTINEL_MASTER
-	RedisUsername   string   // REDIS_USERNAME (cluster/Sentinel; a URL carries its own)
-	RedisPassword   string   // REDIS_PASSWORD
-	RedisTLS        bool     // REDIS_TLS
-	PubSubMode      string   // REDIS_PUBSUB_MODE: classic or sharded
-	ChannelPrefix   string   // REDIS_CHANNEL_PREFIX
+	JWTAlgorithms   []string // JWT_ALGORITHM: one family, HMAC or asymmetric
+	JWTPublicKeys   []crypto.PublicKey
+	JWKSURL         string        // JWT_JWKS_URL
+	JWKSRefresh     time.Duration // JWT_JWKS_REFRESH_INTERVAL
+	JWTAudience     string        // JWT_AUDIENCE
+	JWTIssuer       string        // JWT_ISSUER
+	RedisURL        string        // REDIS_URL ("" in development: probe 127.0.0.1:6379, else embedded)
+	ClusterNodes    []string      // REDIS_CLUSTER_NODES: seed host:port list
+	SentinelAddrs   []string      // REDIS_SENTINEL_ADDRS
+	SentinelMaster  string        // REDIS_SENTINEL_MASTER
+	RedisUsername   string        // REDIS_USERNAME (cluster/Sentinel; a URL carries its own)
+	RedisPassword   string        // REDIS_PASSWORD
+	RedisTLS        bool          // REDIS_TLS
+	PubSubMode      string        // REDIS_PUBSUB_MODE: classic or sharded
+	ChannelPrefix   string        // REDIS_CHANNEL_PREFIX
 	ProbeInterval   time.Duration
 	ProbeTimeout    time.Duration
 	MaxConnsPerUser int // WEBSOCKET_MAX_CONNECTIONS_PER_USER
@@ -90,8 +99,12 @@ type Variable struct {
 var Variables = []Variable{
 	{"WEBSOCKET_HOST", "0.0.0.0", "listen address"},
 	{"WEBSOCKET_PORT", "8080", "listen port (1-65535)"},
-	{"JWT_SECRET_KEY", "development: a fixed dev secret (warning logged)", "HMAC secret; production requires >= 32 bytes"},
-	{"JWT_ALGORITHM", "HS256", "accepted algorithm: HS256, HS384 or HS512"},
+	{"JWT_SECRET_KEY", "development: a fixed dev secret (warning logged)", "HMAC secret; production requires >= 32 bytes; must be unset with asymmetric algorithms"},
+	{"JWT_ALGORITHM", "HS256", "accepted algorithms, comma-separated, one family: HS256/384/512, or RS256/384/512, PS256/384/512, ES256/384/512, EdDSA"},
+	{"JWT_PUBLIC_KEY", "unset", "asymmetric algorithms: PEM public key(s) or certificate(s); \\n escapes allowed"},
+	{"JWT_PUBLIC_KEY_FILE", "unset", "asymmetric algorithms: a file holding the PEM instead"},
+	{"JWT_JWKS_URL", "unset", "asymmetric algorithms: JWKS endpoint (https; http only to loopback in development); keys by kid"},
+	{"JWT_JWKS_REFRESH_INTERVAL", "1h", "periodic JWKS refresh; an unknown kid also refreshes, at most every 30s"},
 	{"JWT_AUDIENCE", "unset", "when set, a token's aud must contain it"},
 	{"JWT_ISSUER", "unset", "when set, a token's iss must equal it"},
 	{"REDIS_URL", "development: redis://127.0.0.1:6379, else an embedded dev Redis", "redis:// or rediss:// URL"},
@@ -129,7 +142,7 @@ func Load(getenv func(string) string) (Config, error) {
 	c := Config{
 		Host:            p.str("WEBSOCKET_HOST", "0.0.0.0"),
 		Port:            p.intRange("WEBSOCKET_PORT", 8080, 1, 65535),
-		JWTAlgorithm:    p.oneOf("JWT_ALGORITHM", "HS256", "HS256", "HS384", "HS512"),
+		JWKSRefresh:     p.duration("JWT_JWKS_REFRESH_INTERVAL", time.Hour, true),
 		JWTAudience:     p.str("JWT_AUDIENCE", ""),
 		JWTIssuer:       p.str("JWT_ISSUER", ""),
 		RedisURL:        p.redisURL("REDIS_URL"),
@@ -160,11 +173,7 @@ func Load(getenv func(string) string) (Config, error) {
 		ShutdownTimeout: p.duration("SHUTDOWN_TIMEOUT", 10*time.Second, true),
 		PprofAddr:       p.loopbackAddr("PPROF_ADDR"),
 	}
-	if secret := getenv("JWT_SECRET_KEY"); secret != "" {
-		c.JWTSecret = []byte(secret)
-	} else {
-		c.JWTSecret, c.JWTSecretIsDev = []byte(DevJWTSecret), true
-	}
+	p.jwt(&c)
 	if c.IdleTimeout > 0 && c.PingInterval >= c.IdleTimeout {
 		p.fail("WEBSOCKET_PING_INTERVAL", getenv("WEBSOCKET_PING_INTERVAL"), "a duration shorter than WEBSOCKET_IDLE_TIMEOUT")
 	}
@@ -188,6 +197,7 @@ func Load(getenv func(string) string) (Config, error) {
 			p.errs = append(p.errs, fmt.Errorf("%w: REDIS_URL (or REDIS_CLUSTER_NODES, or REDIS_SENTINEL_ADDRS) is required when ENVIRONMENT=production", ErrInvalid))
 		}
 		switch {
+		case !jwtauth.IsHMAC(c.JWTAlgorithms):
 		case c.JWTSecretIsDev || string(c.JWTSecret) == DevJWTSecret:
 			p.errs = append(p.errs, fmt.Errorf("%w: JWT_SECRET_KEY must be set (and not the development secret) when ENVIRONMENT=production", ErrInvalid))
 		case len(c.JWTSecret) < 32:
@@ -195,6 +205,87 @@ func Load(getenv func(string) string) (Config, error) {
 		}
 	}
 	return c, errors.Join(p.errs...)
+}
+
+// jwt reads the algorithms and the one key source they need: the HMAC
+// secret, or PEM public keys, or a JWKS URL.
+func (p *parser) jwt(c *Config) {
+	algs, err := jwtauth.ParseAlgorithms(p.str("JWT_ALGORITHM", "HS256"))
+	if err != nil {
+		p.errs = append(p.errs, fmt.Errorf("%w: JWT_ALGORITHM=%q: %w", ErrInvalid, p.getenv("JWT_ALGORITHM"), err))
+		algs = []string{"HS256"}
+	}
+	c.JWTAlgorithms = algs
+	secret := p.getenv("JWT_SECRET_KEY")
+	pemText := strings.ReplaceAll(strings.TrimSpace(p.getenv("JWT_PUBLIC_KEY")), `\n`, "\n")
+	pemFile := strings.TrimSpace(p.getenv("JWT_PUBLIC_KEY_FILE"))
+	jwks := strings.TrimSpace(p.getenv("JWT_JWKS_URL"))
+	sources := []string{}
+	for name, v := range map[string]string{"JWT_PUBLIC_KEY": pemText, "JWT_PUBLIC_KEY_FILE": pemFile, "JWT_JWKS_URL": jwks} {
+		if v != "" {
+			sources = append(sources, name)
+		}
+	}
+	slices.Sort(sources)
+	if jwtauth.IsHMAC(algs) {
+		if len(sources) > 0 {
+			p.errs = append(p.errs, fmt.Errorf("%w: %s is set, but JWT_ALGORITHM=%s is HMAC: public keys need RS*, PS*, ES* or EdDSA", ErrInvalid, strings.Join(sources, " and "), strings.Join(algs, ",")))
+		}
+		if secret != "" {
+			c.JWTSecret = []byte(secret)
+		} else {
+			c.JWTSecret, c.JWTSecretIsDev = []byte(DevJWTSecret), true
+		}
+		return
+	}
+	if secret != "" {
+		p.errs = append(p.errs, fmt.Errorf("%w: JWT_SECRET_KEY is set, but JWT_ALGORITHM=%s is asymmetric: HMAC and public-key algorithms are never mixed", ErrInvalid, strings.Join(algs, ",")))
+	}
+	if len(sources) != 1 {
+		p.errs = append(p.errs, fmt.Errorf("%w: JWT_ALGORITHM=%s needs exactly one of JWT_PUBLIC_KEY, JWT_PUBLIC_KEY_FILE and JWT_JWKS_URL (got %d)", ErrInvalid, strings.Join(algs, ","), len(sources)))
+		return
+	}
+	switch {
+	case jwks != "":
+		c.JWKSURL = p.jwksURL(jwks)
+	case pemFile != "":
+		data, err := os.ReadFile(pemFile)
+		if err != nil {
+			p.errs = append(p.errs, fmt.Errorf("%w: JWT_PUBLIC_KEY_FILE: %w", ErrInvalid, err))
+			return
+		}
+		p.publicKeys(c, "JWT_PUBLIC_KEY_FILE", data)
+	default:
+		p.publicKeys(c, "JWT_PUBLIC_KEY", []byte(pemText))
+	}
+}
+
+func (p *parser) publicKeys(c *Config, name string, data []byte) {
+	keys, err := jwtauth.ParsePublicKeys(data, c.JWTAlgorithms)
+	if err != nil {
+		p.errs = append(p.errs, fmt.Errorf("%w: %s: %w", ErrInvalid, name, err))
+		return
+	}
+	c.JWTPublicKeys = keys
+}
+
+// jwksURL accepts https, and http to a loopback host outside production.
+func (p *parser) jwksURL(v string) string {
+	u, err := url.Parse(v)
+	if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
+		p.fail("JWT_JWKS_URL", v, "an https:// URL")
+		return ""
+	}
+	if u.Scheme == "http" {
+		host := u.Hostname()
+		ip := net.ParseIP(host)
+		loopback := host == "localhost" || (ip != nil && ip.IsLoopback())
+		if !loopback || strings.EqualFold(strings.TrimSpace(p.getenv("ENVIRONMENT")), Production) {
+			p.fail("JWT_JWKS_URL", v, "an https:// URL (http only to a loopback host, in development)")
+			return ""
+		}
+	}
+	return v
 }
 
 // parser collects every error, so one start reports every bad variable.

@@ -22,7 +22,7 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Addr() != "0.0.0.0:8080" || c.JWTAlgorithm != "HS256" || c.ChannelPrefix != "ws" ||
+	if c.Addr() != "0.0.0.0:8080" || strings.Join(c.JWTAlgorithms, ",") != "HS256" || c.ChannelPrefix != "ws" ||
 		c.MaxConnsPerUser != 5 || c.MaxConns != 0 || c.PingInterval != 30*time.Second ||
 		c.IdleTimeout != 90*time.Second || c.LogLevel != slog.LevelInfo || c.LogFormat != "json" ||
 		c.Environment != Development || !c.JWTSecretIsDev || c.RedisURL != "" || c.ShutdownTimeout != 10*time.Second ||
@@ -39,7 +39,7 @@ func TestParsesValues(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.Port != 9000 || c.PingInterval != 15*time.Second || c.IdleTimeout != time.Minute ||
-		strings.Join(c.CORSOrigins, " ") != "https://a.se https://b.se" || c.LogLevel != slog.LevelDebug || c.JWTAlgorithm != "HS512" {
+		strings.Join(c.CORSOrigins, " ") != "https://a.se https://b.se" || c.LogLevel != slog.LevelDebug || strings.Join(c.JWTAlgorithms, ",") != "HS512" {
 		t.Fatalf("%+v", c)
 	}
 	c, _ = Load(env("CORS_ORIGINS", "https://a.se, https://b.se"))

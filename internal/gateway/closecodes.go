@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"strings"
+	"unicode/utf8"
 
 	"github.com/huleedu/websocket-service/internal/hub"
 	"github.com/huleedu/websocket-service/internal/jwtauth"
@@ -22,7 +24,14 @@ var (
 	errTokenExpired  = errors.New("token expired")
 	errRefreshFailed = errors.New("refresh token invalid")
 	errInternal      = errors.New("internal error")
+	errTokenRevoked  = errors.New("token revoked")
 )
+
+// revokedError is an operator's disconnect (notify.Disconnect): 4004 with
+// the operator's reason.
+type revokedError struct{ reason string }
+
+func (e *revokedError) Error() string { return "disconnected: " + e.reason }
 
 // closeReason is one row of the close-code table.
 type closeReason struct {
@@ -60,11 +69,35 @@ var (
 	reasonExpired        = newReason(4001, "TOKEN_EXPIRED", "token expired; reconnect with a fresh token", "token_expired")
 	reasonSlow           = newReason(4002, "SLOW_CONSUMER", "outbound queue overflowed", "slow_consumer")
 	reasonRateLimited    = newReason(4003, "RATE_LIMITED", "too many frames from client", "rate_limited")
+	reasonTokenRevoked   = newReason(1008, "AUTHENTICATION_ERROR", "token revoked", "token_revoked")
 )
+
+// revokedReason is the 4004 row with the operator's reason in the message,
+// cut (at a rune boundary) to fit the 123-byte close reason.
+func revokedReason(reason string) *closeReason {
+	msg := "disconnected"
+	if reason = strings.ToValidUTF8(strings.TrimSpace(reason), ""); reason != "" {
+		msg += ": " + reason
+	}
+	for {
+		body, _ := json.Marshal(struct {
+			ErrorCode string `json:"error_code"`
+			Message   string `json:"message"`
+		}{"REVOKED", msg})
+		if len(body) <= 123 {
+			return newReason(4004, "REVOKED", msg, "revoked")
+		}
+		_, size := utf8.DecodeLastRuneInString(msg)
+		msg = msg[:len(msg)-size]
+	}
+}
 
 // closeFor maps an error to its row of the close-code table.
 func closeFor(err error) *closeReason {
+	var revoked *revokedError
 	switch {
+	case errors.As(err, &revoked):
+		return revokedReason(revoked.reason)
 	case errors.Is(err, jwtauth.ErrMissingToken), errors.Is(err, jwtauth.ErrInvalidToken),
 		errors.Is(err, jwtauth.ErrExpired), errors.Is(err, errRefreshFailed):
 		return reasonAuthentication
@@ -90,6 +123,8 @@ func closeFor(err error) *closeReason {
 		return reasonSlow
 	case errors.Is(err, errRateLimited):
 		return reasonRateLimited
+	case errors.Is(err, errTokenRevoked):
+		return reasonTokenRevoked
 	default:
 		return reasonInternal
 	}

@@ -14,7 +14,7 @@ import (
 // in, the session either answers with valid JSON or closes with a row of the
 // close-code table.
 func FuzzInboundFrame(f *testing.F) {
-	auth, err := jwtauth.New(jwtauth.Options{Secret: []byte(testSecret), Algorithm: "HS256"})
+	auth, err := jwtauth.New(jwtauth.Options{Secret: []byte(testSecret), Algorithms: []string{"HS256"}})
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -28,11 +28,11 @@ func FuzzInboundFrame(f *testing.F) {
 	f.Cleanup(writers.close)
 	g := &Gateway{opts: defaultOptions(), m: metrics.New(), auth: auth, writers: writers}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		s := newSession(g, "u", time.Now().Add(time.Hour))
+		s := newSession(g, jwtauth.Identity{UserID: "u", ExpiresAt: time.Now().Add(time.Hour)}, 0)
 		g.handleText(s, time.Now(), data)
 		s.mu.Lock()
 		defer s.mu.Unlock()
-		if r := s.closeNow; r != nil && r != reasonAuthentication && r != reasonAuthorization {
+		if r := s.closeNow; r != nil && r != reasonAuthentication && r != reasonAuthorization && r != reasonTokenRevoked {
 			t.Fatalf("closed with %s", r.ErrorCode)
 		}
 		for _, o := range s.queue.items[s.queue.head:] {

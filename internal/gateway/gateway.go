@@ -129,6 +129,7 @@ func New(opts Options, h *hub.Hub, b broker.Broker, auth *jwtauth.Validator, m *
 	g.rejecter.KeepaliveTime = 0
 	g.rejecter.BlockingModAsyncWrite = false
 	g.rejecter.CheckOrigin = func(*http.Request) bool { return true }
+	g.rejecter.Subprotocols = []string{jwtauth.Protocol}
 	g.writers = newWriterPool(runtime.GOMAXPROCS(0))
 	g.wg.Go(g.sweep)
 	g.wg.Go(g.repairLoop)
@@ -218,6 +219,7 @@ func (g *Gateway) newUpgrader() *websocket.Upgrader {
 	u.KeepaliveTime = 0 // the sweeper owns idle timeouts
 	u.MessageLengthLimit = readLimit
 	u.CheckOrigin = func(*http.Request) bool { return true } // checked before the upgrade
+	u.Subprotocols = []string{jwtauth.Protocol}              // the token rides after it; only the name is echoed
 	u.OnMessage(g.onMessage)
 	u.OnClose(g.onClose)
 	u.SetPingHandler(func(c *websocket.Conn, data string) {
@@ -290,8 +292,11 @@ func (g *Gateway) handleText(s *session, now time.Time, data []byte) {
 			s.closeWith(errRefreshFailed)
 		case id.UserID != s.user:
 			s.closeWith(errWrongClient)
+		case s.revokedAt.Load() > 0 && issuedAt(id) <= s.revokedAt.Load():
+			s.closeWith(errTokenRevoked)
 		default:
 			s.expiresAt.Store(id.ExpiresAt.UnixNano())
+			s.issuedAt.Store(issuedAt(id))
 			s.send(refreshedFrame(id.ExpiresAt))
 		}
 	}

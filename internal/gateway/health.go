@@ -50,11 +50,16 @@ func (g *Gateway) healthzWebsocket(w http.ResponseWriter, _ *http.Request) {
 	})
 }
 
-// readyz fails only while draining: a Redis outage affects every instance
+// readyz fails while draining, and while the JWKS has not been fetched yet
+// (every token would be refused). A Redis outage affects every instance
 // alike, so it must not take them all out of the load balancer.
 func (g *Gateway) readyz(w http.ResponseWriter, _ *http.Request) {
 	if g.draining.Load() {
 		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"status": "draining"})
+		return
+	}
+	if !g.auth.Ready() {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"status": "no_keys", "error": "JWKS not fetched yet"})
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"status": "ready"})

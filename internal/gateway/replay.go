@@ -269,6 +269,7 @@ func (g *Gateway) repair(batch []*session) {
 		since notify.ID
 		key   string
 	}
+	batch = g.closeRevoked(batch)
 	jobs := make([]job, 0, len(batch))
 	keys := map[string]int{} // user+position → index into topics
 	var topics []string
@@ -308,6 +309,42 @@ func (g *Gateway) repair(batch []*session) {
 		}
 		j.s.finishHold(true, j.gen, out)
 	}
+}
+
+// closeRevoked closes, after an outage, the sessions whose tokens were
+// revoked meanwhile (the disconnect message was lost with the link), and
+// returns the others.
+func (g *Gateway) closeRevoked(batch []*session) []*session {
+	users := make([]string, 0, len(batch))
+	seen := map[string]int{}
+	for _, s := range batch {
+		if _, ok := seen[s.user]; !ok {
+			seen[s.user] = len(users)
+			users = append(users, s.user)
+		}
+	}
+	revoked := make([]int64, len(users))
+	for i := 0; i < len(users); i += repairBatch {
+		end := min(i+repairBatch, len(users))
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		at, err := g.opts.History.RevokedAt(ctx, users[i:end])
+		cancel()
+		if err != nil {
+			g.m.RevocationChecks.WithLabelValues("unavailable").Add(float64(end - i))
+			continue
+		}
+		copy(revoked[i:end], at)
+	}
+	keep := batch[:0]
+	for _, s := range batch {
+		at := revoked[seen[s.user]]
+		if at > 0 && s.Disconnect("token revoked", at) {
+			g.m.RevocationChecks.WithLabelValues("revoked").Inc()
+			continue
+		}
+		keep = append(keep, s)
+	}
+	return keep
 }
 
 func resumeIncompleteFrame(since, reason string) []byte {

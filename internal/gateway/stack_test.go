@@ -112,7 +112,7 @@ func newStack(t testing.TB, mutate func(*stackConfig)) *stack {
 	if err := b.Start(st.hub); err != nil {
 		t.Fatal(err)
 	}
-	st.auth, err = jwtauth.New(jwtauth.Options{Secret: []byte(testSecret), Algorithm: "HS256"})
+	st.auth, err = jwtauth.New(jwtauth.Options{Secret: []byte(testSecret), Algorithms: []string{"HS256"}})
 	if err != nil {
 		t.Fatal(err)
 	}

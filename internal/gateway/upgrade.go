@@ -52,7 +52,12 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 		g.reject(w, r, errWrongClient)
 		return
 	}
-	s := newSession(g, id.UserID, id.ExpiresAt)
+	revokedAt, err := g.checkRevoked(r.Context(), id)
+	if err != nil {
+		g.reject(w, r, err)
+		return
+	}
+	s := newSession(g, id, revokedAt)
 	since, resume := r.URL.Query()["since"]
 	if resume {
 		s.hold = &holdState{} // live frames wait behind the replay
@@ -81,6 +86,30 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 	s.attach(conn)
 	g.m.ConnectionsOpened.Inc()
 	g.lastOpen.Store(time.Now().UnixNano())
+}
+
+// checkRevoked refuses a token issued at or before the user's revocation
+// (notify.Disconnect with Revoke) and returns the revocation time. When
+// Redis cannot be read the token is accepted (the connection receives
+// nothing until Redis is back, and the repair then checks again).
+func (g *Gateway) checkRevoked(ctx context.Context, id jwtauth.Identity) (int64, error) {
+	if g.opts.History == nil {
+		return 0, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, g.opts.SubscribeWait)
+	defer cancel()
+	at, err := g.opts.History.RevokedAt(ctx, []string{id.UserID})
+	switch {
+	case err != nil:
+		g.m.RevocationChecks.WithLabelValues("unavailable").Inc()
+		return 0, nil
+	case at[0] > 0 && issuedAt(id) <= at[0]:
+		g.m.RevocationChecks.WithLabelValues("revoked").Inc()
+		return 0, errTokenRevoked
+	default:
+		g.m.RevocationChecks.WithLabelValues("ok").Inc()
+		return at[0], nil
+	}
 }
 
 // reject completes the handshake on the request's own goroutine, sends the

@@ -48,6 +48,10 @@ type Conn interface {
 	// LinkState tells the connection whether the broker link is up; a
 	// connection reports each change to its client once.
 	LinkState(up bool)
+	// Disconnect ends the connection for an operator's disconnect (4004);
+	// with revokedAt > 0 only if its token was issued at or before then
+	// (unix seconds). It reports whether the connection is being closed.
+	Disconnect(reason string, revokedAt int64) bool
 }
 
 // Options configure a Hub.
@@ -180,6 +184,10 @@ func (h *Hub) LinkUp() bool { return h.up.Load() }
 // HandleMessage implements broker.Handler: validate once, then hand the
 // shared message to each of the user's connections.
 func (h *Hub) HandleMessage(user string, payload []byte) {
+	if notify.IsControl(payload) {
+		h.control(user, payload)
+		return
+	}
 	h.m.MessagesReceived.Inc()
 	switch {
 	case len(payload) > h.opts.MaxMessageBytes:
@@ -208,6 +216,29 @@ func (h *Hub) HandleMessage(user string, payload []byte) {
 	if len(conns) == 0 {
 		h.dropNoConn.Inc()
 	}
+}
+
+// control carries out a control message (notify.Disconnect) for the user's
+// connections on this instance, with one audit line.
+func (h *Hub) control(user string, payload []byte) {
+	c, err := notify.ParseControl(payload)
+	if err != nil {
+		h.dropInvalid.Inc()
+		h.log.Warn("dropped malformed control message from redis", "error", err)
+		return
+	}
+	s := h.shard(user)
+	s.mu.RLock()
+	conns := slices.Clone(s.users[user])
+	s.mu.RUnlock()
+	closed := 0
+	for _, conn := range conns {
+		if conn.Disconnect(c.Reason, c.RevokedAt) {
+			closed++
+		}
+	}
+	h.m.Disconnects.Inc()
+	h.log.Info("disconnect", "user", user, "reason", c.Reason, "revoke", c.RevokedAt != 0, "closed_here", closed)
 }
 
 // HandleLinkDown implements broker.Handler.

@@ -29,6 +29,13 @@ func (f *fakeConn) LinkState(up bool) {
 	f.mu.Unlock()
 }
 
+func (f *fakeConn) Disconnect(reason string, revokedAt int64) bool {
+	f.mu.Lock()
+	f.got = append(f.got, "disconnect:"+reason)
+	f.mu.Unlock()
+	return true
+}
+
 func newHub(t testing.TB, opts Options) (*Hub, *broker.MemoryBroker) {
 	b := broker.NewMemory()
 	opts.Metrics = metrics.New()
@@ -128,8 +135,9 @@ func TestLinkStateReachesEveryConnection(t *testing.T) {
 
 type nopConn struct{}
 
-func (nopConn) Deliver(*Message) {}
-func (nopConn) LinkState(bool)   {}
+func (nopConn) Deliver(*Message)              {}
+func (nopConn) LinkState(bool)                {}
+func (nopConn) Disconnect(string, int64) bool { return false }
 
 // BenchmarkFanOut measures one Redis message to a user with 5 connections:
 // one Message allocation per message, none per connection.

@@ -22,7 +22,7 @@ func sign(t testing.TB, m jwt.SigningMethod, key any, claims jwt.MapClaims) stri
 }
 
 func validator(t testing.TB, aud, iss string) *Validator {
-	v, err := New(Options{Secret: secret, Algorithm: "HS256", Audience: aud, Issuer: iss})
+	v, err := New(Options{Secret: secret, Algorithms: []string{"HS256"}, Audience: aud, Issuer: iss})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,7 +88,7 @@ func TestAudienceAndIssuer(t *testing.T) {
 
 func TestNewRejectsUnsafeAlgorithms(t *testing.T) {
 	for _, alg := range []string{"none", "RS256", "", "HS1"} {
-		if _, err := New(Options{Secret: secret, Algorithm: alg}); err == nil {
+		if _, err := New(Options{Secret: secret, Algorithms: []string{alg}}); err == nil {
 			t.Errorf("New accepted %q", alg)
 		}
 	}

@@ -30,6 +30,8 @@ type Metrics struct {
 	Resumes             *prometheus.CounterVec // outcome: complete or a resume.incomplete reason
 	Replayed            prometheus.Counter
 	Repairs             *prometheus.CounterVec // outcome: complete, incomplete
+	Disconnects         prometheus.Counter
+	RevocationChecks    *prometheus.CounterVec // outcome: ok, revoked, unavailable
 }
 
 // Drop reasons.
@@ -82,11 +84,15 @@ func New() *Metrics {
 			Name: "websocket_messages_replayed_total", Help: "History entries sent to connections (resume and repair)."}),
 		Repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "websocket_repairs_total", Help: "Connections repaired from history after a Redis outage, by outcome."}, []string{"outcome"}),
+		Disconnects: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "websocket_disconnect_commands_total", Help: "Disconnect control messages received for users with connections here."}),
+		RevocationChecks: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "websocket_revocation_checks_total", Help: "Token revocation lookups at handshake and repair, by outcome (ok, revoked, unavailable)."}, []string{"outcome"}),
 	}
 	for _, c := range []prometheus.Collector{m.ActiveConnections, m.ConnectionsOpened, m.ConnectionsRejected,
 		m.ConnectionsClosed, m.MessagesReceived, m.MessagesDelivered, m.MessagesDropped, m.Subscriptions,
 		m.JWTValidations, m.DeliveryLatency, m.RedisLinkUp, m.RedisOutages, m.RedisLastOutage,
-		m.Resumes, m.Replayed, m.Repairs} {
+		m.Resumes, m.Replayed, m.Repairs, m.Disconnects, m.RevocationChecks} {
 		f(c)
 	}
 	return m
