@@ -5,5 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 t=${FUZZTIME:-60s}
 go test -run '^$' -fuzz '^FuzzLoad$' -fuzztime "$t" ./internal/config/
+go test -run '^$' -fuzz '^FuzzJWTKeyConfig$' -fuzztime "$t" ./internal/config/
 go test -run '^$' -fuzz '^FuzzValidateAndExtract$' -fuzztime "$t" ./internal/jwtauth/
+go test -run '^$' -fuzz '^FuzzParsePublicKeys$' -fuzztime "$t" ./internal/jwtauth/
 go test -run '^$' -fuzz '^FuzzInboundFrame$' -fuzztime "$t" ./internal/gateway/

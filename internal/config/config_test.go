@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/huleedu/websocket-service/internal/jwtauth"
 )
 
 func env(kv ...string) func(string) string {
@@ -116,7 +118,7 @@ func FuzzLoad(f *testing.F) {
 		if c.Port < 1 || c.Port > 65535 || c.PingInterval <= 0 || c.IdleTimeout <= 0 || c.PingInterval >= c.IdleTimeout {
 			t.Fatalf("accepted invalid config %+v", c)
 		}
-		if c.Production() && (c.RedisURL == "" || len(c.JWTSecret) < 32) {
+		if c.Production() && (c.RedisURL == "" || (jwtauth.IsHMAC(c.JWTAlgorithms) && len(c.JWTSecret) < 32)) {
 			t.Fatalf("production accepted without redis or strong secret")
 		}
 	})
@@ -159,4 +161,100 @@ func TestReadmeDocumentsEveryVariable(t *testing.T) {
 			t.Errorf("README does not document %s", v.Name)
 		}
 	}
+}
+
+const testPEM = `-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEMKBCTNIcKUSDii11ySs3526iDZ8A
+iTo7Tu6KPAqv7D7gS2XpJFbZiItSs3m9+9Ue6GnvHw/GW2ZZaVtszggXIw==
+-----END PUBLIC KEY-----`
+
+func TestJWTKeySources(t *testing.T) {
+	file := t.TempDir() + "/key.pem"
+	if err := os.WriteFile(file, []byte(testPEM), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ok := map[string]func(string) string{
+		"PEM":                  env("JWT_ALGORITHM", "ES256", "JWT_PUBLIC_KEY", testPEM),
+		"PEM with \\n escapes":  env("JWT_ALGORITHM", "ES256", "JWT_PUBLIC_KEY", strings.ReplaceAll(testPEM, "\n", `\n`)),
+		"file":                 env("JWT_ALGORITHM", "es256,RS256", "JWT_PUBLIC_KEY_FILE", file),
+		"JWKS https":           env("JWT_ALGORITHM", "RS256", "JWT_JWKS_URL", "https://idp.example/jwks.json"),
+		"JWKS http loopback":   env("JWT_ALGORITHM", "RS256", "JWT_JWKS_URL", "http://127.0.0.1:9/jwks"),
+		"production JWKS":      env("JWT_ALGORITHM", "EdDSA", "JWT_JWKS_URL", "https://idp/jwks", "ENVIRONMENT", "production", "REDIS_URL", "redis://r:6379"),
+	}
+	for name, getenv := range ok {
+		c, err := Load(getenv)
+		if err != nil {
+			t.Errorf("%s: %v", name, err)
+			continue
+		}
+		if len(c.JWTSecret) != 0 || c.JWTSecretIsDev {
+			t.Errorf("%s: an HMAC secret set for asymmetric algorithms", name)
+		}
+		if (c.JWKSURL == "") == (len(c.JWTPublicKeys) == 0) {
+			t.Errorf("%s: want exactly one key source, got url %q and %d keys", name, c.JWKSURL, len(c.JWTPublicKeys))
+		}
+	}
+	bad := map[string]struct {
+		getenv func(string) string
+		names  string // the variables the message must name
+	}{
+		"mixed families":         {env("JWT_ALGORITHM", "HS256,RS256"), "JWT_ALGORITHM"},
+		"none":                   {env("JWT_ALGORITHM", "none"), "JWT_ALGORITHM"},
+		"asymmetric without key": {env("JWT_ALGORITHM", "RS256"), "JWT_PUBLIC_KEY"},
+		"two key sources":        {env("JWT_ALGORITHM", "ES256", "JWT_PUBLIC_KEY", testPEM, "JWT_JWKS_URL", "https://x/j"), "JWT_JWKS_URL"},
+		"secret with asymmetric": {env("JWT_ALGORITHM", "ES256", "JWT_PUBLIC_KEY", testPEM, "JWT_SECRET_KEY", "s"), "JWT_SECRET_KEY"},
+		"public key with HMAC":   {env("JWT_PUBLIC_KEY", testPEM), "JWT_PUBLIC_KEY"},
+		"key of the wrong type":  {env("JWT_ALGORITHM", "RS256", "JWT_PUBLIC_KEY", testPEM), "JWT_PUBLIC_KEY"},
+		"garbage PEM":            {env("JWT_ALGORITHM", "RS256", "JWT_PUBLIC_KEY", "nope"), "JWT_PUBLIC_KEY"},
+		"missing file":           {env("JWT_ALGORITHM", "RS256", "JWT_PUBLIC_KEY_FILE", "/nonexistent/key.pem"), "JWT_PUBLIC_KEY_FILE"},
+		"JWKS over http":         {env("JWT_ALGORITHM", "RS256", "JWT_JWKS_URL", "http://idp.example/jwks"), "JWT_JWKS_URL"},
+		"JWKS loopback http in production": {env("JWT_ALGORITHM", "RS256", "JWT_JWKS_URL", "http://127.0.0.1/jwks",
+			"ENVIRONMENT", "production", "REDIS_URL", "redis://r:6379"), "JWT_JWKS_URL"},
+		"JWKS not a URL":   {env("JWT_ALGORITHM", "RS256", "JWT_JWKS_URL", "ftp://x"), "JWT_JWKS_URL"},
+		"refresh interval": {env("JWT_JWKS_REFRESH_INTERVAL", "-1s"), "JWT_JWKS_REFRESH_INTERVAL"},
+	}
+	for name, tc := range bad {
+		_, err := Load(tc.getenv)
+		if err == nil || !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc.names) {
+			t.Errorf("%s: got %v, want an error naming %s", name, err, tc.names)
+		}
+	}
+}
+
+// FuzzJWTKeyConfig: whatever the key variables hold, Load either refuses
+// with ErrInvalid or returns one consistent key source.
+func FuzzJWTKeyConfig(f *testing.F) {
+	f.Add("ES256", testPEM, "", "", "development")
+	f.Add("RS256,PS256", "", "https://idp/jwks", "", "production")
+	f.Add("HS256", "", "", "secret", "development")
+	f.Add("EdDSA", "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----", "http://[::1]:1/j", "", "development")
+	f.Fuzz(func(t *testing.T, alg, pem, jwks, secret, envName string) {
+		c, err := Load(env("JWT_ALGORITHM", alg, "JWT_PUBLIC_KEY", pem, "JWT_JWKS_URL", jwks, "JWT_SECRET_KEY", secret,
+			"ENVIRONMENT", envName, "REDIS_URL", "redis://r:6379"))
+		if err != nil {
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("error not wrapping ErrInvalid: %v", err)
+			}
+			return
+		}
+		if jwtauth.IsHMAC(c.JWTAlgorithms) {
+			if len(c.JWTSecret) == 0 || len(c.JWTPublicKeys) > 0 || c.JWKSURL != "" {
+				t.Fatalf("HMAC config with keys: %+v", c)
+			}
+		} else if len(c.JWTSecret) > 0 || (len(c.JWTPublicKeys) > 0) == (c.JWKSURL != "") {
+			t.Fatalf("asymmetric config without exactly one key source: %+v", c)
+		}
+		if _, err := jwtauth.New(jwtauth.Options{Algorithms: c.JWTAlgorithms, Secret: c.JWTSecret, PublicKeys: c.JWTPublicKeys,
+			JWKS: jwksIf(c.JWKSURL != "")}); err != nil {
+			t.Fatalf("accepted configuration refused by jwtauth.New: %v", err)
+		}
+	})
+}
+
+// jwksIf stands in for a JWKS in FuzzJWTKeyConfig (nothing is fetched).
+func jwksIf(set bool) *jwtauth.JWKS {
+	if !set {
+		return nil
+	}
+	return &jwtauth.JWKS{}
 }

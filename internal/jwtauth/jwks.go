@@ -126,6 +126,9 @@ func (j *JWKS) Close() {
 }
 
 func (j *JWKS) keyfunc(t *jwt.Token) (any, error) {
+	if kid, _ := t.Header["kid"].(string); kid == "" {
+		return nil, errors.New("token has no kid") // a JWKS selects keys by kid only
+	}
 	kf := j.kf.Load()
 	if kf == nil {
 		return nil, errors.New("JWKS not fetched yet")
