@@ -175,7 +175,7 @@ func TestJWTKeySources(t *testing.T) {
 	}
 	ok := map[string]func(string) string{
 		"PEM":                  env("JWT_ALGORITHM", "ES256", "JWT_PUBLIC_KEY", testPEM),
-		"PEM with \\n escapes":  env("JWT_ALGORITHM", "ES256", "JWT_PUBLIC_KEY", strings.ReplaceAll(testPEM, "\n", `\n`)),
+		"PEM with \\n escapes": env("JWT_ALGORITHM", "ES256", "JWT_PUBLIC_KEY", strings.ReplaceAll(testPEM, "\n", `\n`)),
 		"file":                 env("JWT_ALGORITHM", "es256,RS256", "JWT_PUBLIC_KEY_FILE", file),
 		"JWKS https":           env("JWT_ALGORITHM", "RS256", "JWT_JWKS_URL", "https://idp.example/jwks.json"),
 		"JWKS http loopback":   env("JWT_ALGORITHM", "RS256", "JWT_JWKS_URL", "http://127.0.0.1:9/jwks"),

@@ -137,11 +137,11 @@ func TestAlgorithmConfusion(t *testing.T) {
 	}
 	for name, tok := range map[string]string{
 		"HS256 signed with the RSA public key's PEM": signKid(t, jwt.SigningMethodHS256, rsaPEM, "", claims("u")),
-		"alg none": signKid(t, jwt.SigningMethodNone, jwt.UnsafeAllowNoneSignatureType, "", claims("u")),
-		"RS512 (not configured)": signKid(t, jwt.SigningMethodRS512, k["rsa"], "", claims("u")),
+		"alg none":                      signKid(t, jwt.SigningMethodNone, jwt.UnsafeAllowNoneSignatureType, "", claims("u")),
+		"RS512 (not configured)":        signKid(t, jwt.SigningMethodRS512, k["rsa"], "", claims("u")),
 		"ES256 by a key not configured": signKid(t, jwt.SigningMethodES256, k["ec"], "", claims("u")),
-		"RS256 by another RSA key": signKid(t, jwt.SigningMethodRS256, k["rsa2"], "", claims("u")),
-		"expired": signKid(t, jwt.SigningMethodRS256, k["rsa"], "", jwt.MapClaims{"sub": "u", "exp": time.Now().Add(-time.Minute).Unix()}),
+		"RS256 by another RSA key":      signKid(t, jwt.SigningMethodRS256, k["rsa2"], "", claims("u")),
+		"expired":                       signKid(t, jwt.SigningMethodRS256, k["rsa"], "", jwt.MapClaims{"sub": "u", "exp": time.Now().Add(-time.Minute).Unix()}),
 	} {
 		if _, err := v.Validate(tok); err == nil {
 			t.Errorf("%s: accepted", name)
