@@ -12,6 +12,7 @@ import (
 
 	"github.com/huleedu/websocket-service/internal/broker"
 	"github.com/huleedu/websocket-service/internal/redistest"
+	"github.com/huleedu/websocket-service/notify"
 )
 
 // clusterPublisher publishes through a cluster-aware client.
@@ -130,6 +131,39 @@ func TestThreeInstancesOnCluster(t *testing.T) {
 				}
 			}
 			t.Logf("%d connections over 3 instances, %d users: each message delivered exactly once", len(conns), users)
+
+			// Disconnect with revoke in this topology: the user of two
+			// instances loses both sockets, another user keeps hers, and the
+			// old token is refused everywhere.
+			victim, other := prefix+"0", prefix+"1"
+			var victimConns, otherConns []*reader
+			for _, cn := range conns {
+				switch cn.user {
+				case victim:
+					victimConns = append(victimConns, cn.c.readAll())
+				case other:
+					otherConns = append(otherConns, cn.c.readAll())
+				}
+			}
+			res, err := notify.NewDisconnecter(pub, "ws", sharded).Disconnect(context.Background(), victim,
+				notify.DisconnectOptions{Reason: "cluster", Revoke: true})
+			if err != nil || len(victimConns) != 2 {
+				t.Fatalf("disconnect: %v (%d victim sockets)", err, len(victimConns))
+			}
+			for _, r := range victimConns {
+				eventually(t, 10*time.Second, "victim closed", func() bool { return r.err() != nil })
+				if code, ec, _ := closeOf(r); code != 4004 || ec != "REVOKED" {
+					t.Fatalf("victim: %d %s (%v)", code, ec, r.err())
+				}
+			}
+			for _, st := range stacks {
+				expectRefused(t, st, victim, mintIAT(t, victim, time.Unix(res.RevokedAt, 0)), 1008, "AUTHENTICATION_ERROR", "revoked")
+			}
+			for _, r := range otherConns {
+				if r.err() != nil {
+					t.Fatalf("bystander closed: %v", r.err())
+				}
+			}
 		})
 	}
 }

@@ -24,7 +24,7 @@ type JWKSOptions struct {
 	// at once instead of waiting.
 	UnknownKIDEvery time.Duration
 	HTTPTimeout     time.Duration // per fetch (default 5s)
-	Client          *http.Client  // default http.DefaultClient
+	Client          *http.Client  // default: a client of its own, its idle connections closed by Close
 	Logger          *slog.Logger
 }
 
@@ -55,6 +55,9 @@ func NewJWKS(o JWKSOptions) (*JWKS, error) {
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Client == nil {
+		o.Client = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
 	}
 	j := &JWKS{o: o, done: make(chan struct{})}
 	j.ctx, j.cancel = context.WithCancel(context.Background())
@@ -123,6 +126,7 @@ func (j *JWKS) Ready() bool { return j.kf.Load() != nil }
 func (j *JWKS) Close() {
 	j.cancel()
 	<-j.done
+	j.o.Client.CloseIdleConnections()
 }
 
 func (j *JWKS) keyfunc(t *jwt.Token) (any, error) {

@@ -60,6 +60,11 @@ export interface ClientOptions {
   pongTimeoutMs?: number;
   /** How often liveness and token expiry are checked (default 5,000 ms). */
   checkMs?: number;
+  /**
+   * Where the token travels: "protocol" (default) as the Sec-WebSocket-Protocol entry after
+   * "bearer", out of URLs and access logs; "query" as ?token= (servers before 1.1).
+   */
+  tokenIn?: "protocol" | "query";
   /** The last id the app has seen, to resume from on the first connect. */
   since?: string;
   logger?: Logger;

@@ -157,11 +157,16 @@ export class NotificationClient {
     this.#exp = tokenExpiry(token);
     this.#tokenAt = Date.now();
     const base = String(this.#o.url).replace(/^http/, "ws").replace(/\/+$/, "");
-    const q = new URLSearchParams({ token, since: this.#lastId ?? "" });
+    const q = new URLSearchParams({ since: this.#lastId ?? "" });
+    // The token rides in Sec-WebSocket-Protocol after "bearer" (kept out of
+    // access logs); tokenIn: "query" sends ?token= for older servers.
+    const inQuery = this.#o.tokenIn === "query";
+    if (inQuery) q.set("token", token);
     const WS = this.#o.WebSocket || globalThis.WebSocket;
     let ws;
     try {
-      ws = new WS(`${base}/ws/v1/status/${encodeURIComponent(this.#o.userId)}?${q}`);
+      const url = `${base}/ws/v1/status/${encodeURIComponent(this.#o.userId)}?${q}`;
+      ws = inQuery ? new WS(url) : new WS(url, ["bearer", token]);
     } catch (e) {
       this.#log("WebSocket constructor failed", e);
       this.#retry(false);

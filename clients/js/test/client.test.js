@@ -1,9 +1,13 @@
 // The client library against the real service binary and a real redis-server.
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { promisify } from "node:util";
 import WebSocket from "ws";
 import { NotificationClient } from "../src/index.js";
-import { mint, publish, record, startRedis, startService, waitFor } from "./helpers.js";
+import { BIN, mint, publish, record, startRedis, startService, waitFor } from "./helpers.js";
+
+const execFileP = promisify(execFile);
 
 let redis, svc;
 const clients = [];
@@ -197,4 +201,22 @@ test("a since the history cannot cover: resync with the server's reason", async 
   await waitFor(() => r.resyncs.length === 1, "resync");
   assert.equal(r.resyncs[0].reason, "invalid");
   assert.notEqual(c.lastEventId, "not-an-id");
+});
+
+test("4004 from an operator's disconnect is terminal; the reason reaches the app", async () => {
+  const user = newUser();
+  const c = client({ userId: user, getToken: () => mint(user) });
+  const r = record(c);
+  c.connect();
+  await waitFor(() => c.state === "open", "open");
+  await execFileP(BIN, ["disconnect", "--user", user, "--reason", "account disabled"], { env: { ...process.env, REDIS_URL: redis.url } });
+  await waitFor(() => c.state === "closed", "closed");
+  assert.deepEqual(r.errors, [{ code: 4004, errorCode: "REVOKED", message: "disconnected: account disabled" }]);
+});
+
+test("tokenIn: query still works against the service", async () => {
+  const user = newUser();
+  const c = client({ userId: user, getToken: () => mint(user), tokenIn: "query" });
+  c.connect();
+  await waitFor(() => c.state === "open", "open");
 });

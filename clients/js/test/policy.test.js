@@ -23,7 +23,9 @@ async function scripted(onConnection) {
   await new Promise((r) => wss.on("listening", r));
   const seen = [];
   wss.on("connection", (ws, req) => {
-    seen.push(new URL(req.url, "http://x"));
+    const u = new URL(req.url, "http://x");
+    u.protocols = req.headers["sec-websocket-protocol"];
+    seen.push(u);
     onConnection(ws, seen.length);
   });
   return { url: `ws://127.0.0.1:${wss.address().port}`, seen };
@@ -140,7 +142,7 @@ test("a notification id seen before is not emitted twice, even across reconnects
   assert.equal(srv.seen[0].searchParams.get("since"), "");
 });
 
-test("connects to /ws/v1/status/{userId} with token and since; http(s) URLs become ws(s)", async () => {
+test("connects to /ws/v1/status/{userId} with since and the token after bearer in Sec-WebSocket-Protocol; http(s) URLs become ws(s)", async () => {
   const srv = await scripted(() => {});
   const c = new NotificationClient({ url: srv.url.replace("ws:", "http:") + "/", WebSocket, userId: "user/é", getToken: () => "tok", since: "s-1" });
   c.connect();
@@ -148,8 +150,19 @@ test("connects to /ws/v1/status/{userId} with token and since; http(s) URLs beco
   c.dispose();
   const u = srv.seen[0];
   assert.equal(u.pathname, "/ws/v1/status/user%2F%C3%A9");
-  assert.equal(u.searchParams.get("token"), "tok");
+  assert.deepEqual(u.protocols.split(",").map((p) => p.trim()), ["bearer", "tok"]);
+  assert.equal(u.searchParams.get("token"), null);
   assert.equal(u.searchParams.get("since"), "s-1");
+});
+
+test("tokenIn: query sends ?token= and no subprotocol", async () => {
+  const srv = await scripted(() => {});
+  const c = new NotificationClient({ url: srv.url, WebSocket, userId: "u", getToken: () => "tok", tokenIn: "query" });
+  c.connect();
+  await waitFor(() => c.state === "open", "open");
+  c.dispose();
+  assert.equal(srv.seen[0].searchParams.get("token"), "tok");
+  assert.equal(srv.seen[0].protocols, undefined);
 });
 
 test("degraded and restored map to states; restored incomplete and resume.incomplete become resync", async () => {
