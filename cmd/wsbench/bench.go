@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto"
 	"errors"
 	"fmt"
 	"io"
@@ -22,16 +23,18 @@ import (
 	"github.com/lxzan/gws"
 	"github.com/redis/rueidis"
 
+	"github.com/huleedu/websocket-service/internal/jwtauth"
 	"github.com/huleedu/websocket-service/notify"
 )
 
 // bench holds the connections and the publisher of one run.
 type bench struct {
-	o      options
-	log    io.Writer
-	urls   []string
-	tokens map[string]string
-	redis  rueidis.Client
+	o       options
+	log     io.Writer
+	urls    []string
+	tokens  map[string]string
+	signKey crypto.Signer // --key-file
+	redis   rueidis.Client
 
 	conns      []*benchConn
 	connsOf    []int32 // per user: connections currently open
@@ -73,6 +76,18 @@ func newBench(o options, log io.Writer) (*bench, error) {
 		latency: hdrhistogram.New(1, 60_000_000, 3), handshake: hdrhistogram.New(1, 60_000_000, 3)}
 	if len(b.urls) == 0 {
 		return nil, errors.New("--url is empty")
+	}
+	if o.KeyFile != "" {
+		data, err := os.ReadFile(o.KeyFile)
+		if err != nil {
+			return nil, err
+		}
+		if b.signKey, err = jwtauth.ParsePrivateKey(data); err != nil {
+			return nil, fmt.Errorf("--key-file: %w", err)
+		}
+		if o.Alg == "" {
+			b.o.Alg = jwtauth.DefaultAlgorithm(b.signKey.Public(), "")
+		}
 	}
 	if o.TokensFile != "" {
 		if err := b.readTokens(o.TokensFile); err != nil {
@@ -130,9 +145,16 @@ func (b *bench) token(user string) (string, error) {
 		}
 		return "", fmt.Errorf("no token for %s in --tokens-file", user)
 	}
-	return jwt.NewWithClaims(jwt.SigningMethodHS256, jwt.RegisteredClaims{
-		Subject: user, ExpiresAt: jwt.NewNumericDate(time.Now().Add(24 * time.Hour)),
-	}).SignedString([]byte(b.o.Secret))
+	claims := jwt.RegisteredClaims{Subject: user, ExpiresAt: jwt.NewNumericDate(time.Now().Add(24 * time.Hour)),
+		IssuedAt: jwt.NewNumericDate(time.Now())}
+	if b.signKey != nil {
+		t := jwt.NewWithClaims(jwt.GetSigningMethod(b.o.Alg), claims)
+		if b.o.Kid != "" {
+			t.Header["kid"] = b.o.Kid
+		}
+		return t.SignedString(b.signKey)
+	}
+	return jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString([]byte(b.o.Secret))
 }
 
 func (b *bench) fail(reason string) {

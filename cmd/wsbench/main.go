@@ -30,6 +30,9 @@ type options struct {
 	Prefix      string
 	Secret      string
 	TokensFile  string
+	KeyFile     string // PEM private key: mint asymmetric tokens (--alg, --kid)
+	Alg         string
+	Kid         string
 	Conns       int
 	Users       int
 	UserOffset  int
@@ -72,6 +75,9 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.Prefix, "prefix", "ws", "REDIS_CHANNEL_PREFIX of the gateway")
 	fs.StringVar(&o.Secret, "jwt-secret", os.Getenv("JWT_SECRET_KEY"), "HS256 secret to mint tokens (default $JWT_SECRET_KEY)")
 	fs.StringVar(&o.TokensFile, "tokens-file", "", "file of lines 'user token' to use instead of minting")
+	fs.StringVar(&o.KeyFile, "key-file", "", "PEM private key to mint tokens with instead of --jwt-secret (RSA, ECDSA, Ed25519)")
+	fs.StringVar(&o.Alg, "alg", "", "--key-file: algorithm (default RS256, ES256 or EdDSA by key type)")
+	fs.StringVar(&o.Kid, "kid", "", "--key-file: kid header")
 	fs.IntVar(&o.Conns, "conns", 1000, "connections")
 	fs.IntVar(&o.Users, "users", 0, "users the connections are spread over (default: one per connection)")
 	fs.IntVar(&o.UserOffset, "user-offset", 0, "first user number (several wsbench processes use disjoint ranges)")
@@ -104,8 +110,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	if o.Users <= 0 || (o.Users > o.Conns && o.Scenario != "publish") {
 		o.Users = o.Conns
 	}
-	if o.Secret == "" && o.TokensFile == "" {
-		return o, errors.New("give --jwt-secret (or $JWT_SECRET_KEY) or --tokens-file")
+	if o.Secret == "" && o.TokensFile == "" && o.KeyFile == "" {
+		return o, errors.New("give --jwt-secret (or $JWT_SECRET_KEY), --key-file or --tokens-file")
 	}
 	if o.Sources < 1 || o.Sources > 250 {
 		return o, errors.New("--sources must be 1..250")
