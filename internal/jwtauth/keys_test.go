@@ -367,6 +367,31 @@ func BenchmarkValidate(b *testing.B) {
 	}
 }
 
+// BenchmarkValidateJWKS: RS256 with the key looked up by kid in a fetched set.
+func BenchmarkValidateJWKS(b *testing.B) {
+	k := testKeys()
+	jwk, err := jwkset.NewJWKFromKey(k["rsa"].Public(), jwkset.JWKOptions{Metadata: jwkset.JWKMetadataOptions{KID: "r1", ALG: jwkset.AlgRS256}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	body, _ := json.Marshal(jwkset.JWKSMarshal{Keys: []jwkset.JWKMarshal{jwk.Marshal()}})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.Write(body) }))
+	defer srv.Close()
+	jwks, err := NewJWKS(JWKSOptions{URL: srv.URL})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer jwks.Close()
+	v, _ := New(Options{Algorithms: []string{"RS256"}, JWKS: jwks})
+	tok := signKid(b, jwt.SigningMethodRS256, k["rsa"], "r1", claims("u1"))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := v.Validate(tok); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 func FuzzParsePublicKeys(f *testing.F) {
 	k := testKeys()
 	f.Add(string(pemPublic(f, k["rsa"].Public())), "RS256")
