@@ -72,6 +72,11 @@ var (
 	reasonTokenRevoked   = newReason(1008, "AUTHENTICATION_ERROR", "token revoked", "token_revoked")
 )
 
+// closeTable lists every row, for metrics and documentation checks.
+var closeTable = []*closeReason{reasonAuthentication, reasonAuthorization, reasonQuota, reasonBusy, reasonSubscribeSlow,
+	reasonUnsupported, reasonTooBig, reasonIdle, reasonShutdown, reasonInternal, reasonExpired, reasonSlow,
+	reasonRateLimited, reasonTokenRevoked, revokedReason("")}
+
 // revokedReason is the 4004 row with the operator's reason in the message,
 // cut (at a rune boundary) to fit the 123-byte close reason.
 func revokedReason(reason string) *closeReason {

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"encoding/json"
+	"strings"
 	"testing"
 	"time"
 
@@ -44,8 +45,8 @@ func FuzzInboundFrame(f *testing.F) {
 }
 
 func TestCloseReasonsFitAControlFrame(t *testing.T) {
-	for _, r := range []*closeReason{reasonAuthentication, reasonAuthorization, reasonQuota, reasonBusy, reasonUnsupported,
-		reasonTooBig, reasonIdle, reasonShutdown, reasonInternal, reasonExpired, reasonSlow, reasonRateLimited, reasonSubscribeSlow} {
+	long := strings.Repeat("\u2028<é>\"", 100) // JSON escapes expand these
+	for _, r := range append(closeTable, revokedReason(long), revokedReason("short")) {
 		if len(r.frame) > 125 || !json.Valid(r.frame[2:]) {
 			t.Errorf("%s: %d bytes", r.ErrorCode, len(r.frame))
 		}

@@ -103,6 +103,7 @@ func New(opts Options, h *hub.Hub, b broker.Broker, auth *jwtauth.Validator, m *
 		repairs:   &repairQueue{wake: make(chan struct{}, 1)},
 		stop:      make(chan struct{}),
 	}
+	g.initMetrics()
 	g.engine = nbhttp.NewEngine(nbhttp.Config{
 		Name:                         "websocket-service",
 		NPoller:                      runtime.GOMAXPROCS(0),
@@ -134,6 +135,19 @@ func New(opts Options, h *hub.Hub, b broker.Broker, auth *jwtauth.Validator, m *
 	g.wg.Go(g.sweep)
 	g.wg.Go(g.repairLoop)
 	return g, nil
+}
+
+// initMetrics creates every series of the close table and the resume
+// outcomes at 0, so dashboards and alerts see them before they happen.
+func (g *Gateway) initMetrics() {
+	for _, r := range closeTable {
+		g.m.Init(g.m.ConnectionsRejected, r.Metric)
+		g.m.Init(g.m.ConnectionsClosed, r.Metric)
+	}
+	g.m.Init(g.m.ConnectionsRejected, "handshake_limit", "origin", "upgrade_failed")
+	g.m.Init(g.m.ConnectionsClosed, "client_closed", "abnormal")
+	g.m.Init(g.m.Resumes, "complete", "new", broker.ReasonTrimmed, broker.ReasonReset, broker.ReasonAhead,
+		broker.ReasonRollback, broker.ReasonInvalid, broker.ReasonUnavailable)
 }
 
 // Handler returns the HTTP routes.

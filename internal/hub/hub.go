@@ -104,6 +104,7 @@ func New(b broker.Broker, opts Options) *Hub {
 	h.dropNoConn = h.m.MessagesDropped.WithLabelValues(metrics.DropNoConnection)
 	h.dropInvalid = h.m.MessagesDropped.WithLabelValues(metrics.DropInvalidJSON)
 	h.dropTooLarge = h.m.MessagesDropped.WithLabelValues(metrics.DropTooLarge)
+	h.m.ConnectionsLimit.Set(float64(opts.MaxConns))
 	for i := range h.shards {
 		h.shards[i].users = map[string][]Conn{}
 	}

@@ -15,6 +15,7 @@ type Metrics struct {
 	Registry *prometheus.Registry
 
 	ActiveConnections   prometheus.Gauge
+	ConnectionsLimit    prometheus.Gauge // WEBSOCKET_MAX_CONNECTIONS (0: none)
 	ConnectionsOpened   prometheus.Counter
 	ConnectionsRejected *prometheus.CounterVec // reason
 	ConnectionsClosed   *prometheus.CounterVec // reason
@@ -52,6 +53,8 @@ func New() *Metrics {
 		Registry: reg,
 		ActiveConnections: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "websocket_connections_active", Help: "Open WebSocket connections on this instance."}),
+		ConnectionsLimit: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "websocket_connections_limit", Help: "WEBSOCKET_MAX_CONNECTIONS of this instance (0: no limit)."}),
 		ConnectionsOpened: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "websocket_connections_opened_total", Help: "Authenticated connections opened."}),
 		ConnectionsRejected: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -89,13 +92,26 @@ func New() *Metrics {
 		RevocationChecks: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "websocket_revocation_checks_total", Help: "Token revocation lookups at handshake and repair, by outcome (ok, revoked, unavailable)."}, []string{"outcome"}),
 	}
-	for _, c := range []prometheus.Collector{m.ActiveConnections, m.ConnectionsOpened, m.ConnectionsRejected,
+	for _, c := range []prometheus.Collector{m.ActiveConnections, m.ConnectionsLimit, m.ConnectionsOpened, m.ConnectionsRejected,
 		m.ConnectionsClosed, m.MessagesReceived, m.MessagesDelivered, m.MessagesDropped, m.Subscriptions,
 		m.JWTValidations, m.DeliveryLatency, m.RedisLinkUp, m.RedisOutages, m.RedisLastOutage,
 		m.Resumes, m.Replayed, m.Repairs, m.Disconnects, m.RevocationChecks} {
 		f(c)
 	}
+	// Every known label value exists from the start, at 0: rate() and
+	// alerts over a series that has not happened yet see 0, not nothing.
+	m.Init(m.MessagesDropped, DropInvalidJSON, DropTooLarge, DropNoConnection, DropSlowConsumer, DropClosed)
+	m.Init(m.JWTValidations, "valid", "invalid", "expired", "missing")
+	m.Init(m.Repairs, "complete", "incomplete")
+	m.Init(m.RevocationChecks, "ok", "revoked", "unavailable")
 	return m
+}
+
+// Init creates the series of a one-label vector for each value, at 0.
+func (m *Metrics) Init(v *prometheus.CounterVec, values ...string) {
+	for _, val := range values {
+		v.WithLabelValues(val)
+	}
 }
 
 // LinkUp implements broker.Observer.
