@@ -115,10 +115,13 @@ func New(opts Options, h *hub.Hub, b broker.Broker, auth *jwtauth.Validator, m *
 		ServerExecutor: func(f func()) { f() },
 	})
 	g.engine.OnWrittenSize(func(c *nbio.Conn, _ []byte, n int) {
-		if wc, ok := c.Session().(*websocket.Conn); ok {
-			if s, ok := wc.Session().(*session); ok {
+		switch v := c.Session().(type) {
+		case *websocket.Conn:
+			if s, ok := v.Session().(*session); ok {
 				s.onWritten(n)
 			}
+		case *sseConn:
+			v.s.onWritten(n)
 		}
 	})
 	if err := g.engine.Start(); err != nil {
@@ -140,12 +143,18 @@ func New(opts Options, h *hub.Hub, b broker.Broker, auth *jwtauth.Validator, m *
 // initMetrics creates every series of the close table and the resume
 // outcomes at 0, so dashboards and alerts see them before they happen.
 func (g *Gateway) initMetrics() {
-	for _, r := range closeTable {
-		g.m.Init(g.m.ConnectionsRejected, r.Metric)
-		g.m.Init(g.m.ConnectionsClosed, r.Metric)
+	for _, t := range metrics.Transports {
+		for _, r := range closeTable {
+			g.m.ConnectionsRejected.WithLabelValues(t, r.Metric)
+			g.m.ConnectionsClosed.WithLabelValues(t, r.Metric)
+		}
+		for _, r := range []string{"handshake_limit", "origin", "upgrade_failed"} {
+			g.m.ConnectionsRejected.WithLabelValues(t, r)
+		}
+		for _, r := range []string{"client_closed", "abnormal"} {
+			g.m.ConnectionsClosed.WithLabelValues(t, r)
+		}
 	}
-	g.m.Init(g.m.ConnectionsRejected, "handshake_limit", "origin", "upgrade_failed")
-	g.m.Init(g.m.ConnectionsClosed, "client_closed", "abnormal")
 	g.m.Init(g.m.Resumes, "complete", "new", broker.ReasonTrimmed, broker.ReasonReset, broker.ReasonAhead,
 		broker.ReasonRollback, broker.ReasonInvalid, broker.ReasonUnavailable)
 }
@@ -156,6 +165,9 @@ func (g *Gateway) Handler() http.Handler {
 	mux.HandleFunc("GET /ws/v1/status/{client_id}", g.serveWS)
 	mux.HandleFunc("GET /ws", g.serveWS)
 	mux.HandleFunc("GET /ws/{$}", g.serveWS)
+	mux.HandleFunc("GET /sse/v1/status/{client_id}", g.serveSSE)
+	mux.HandleFunc("GET /sse", g.serveSSE)
+	mux.HandleFunc("GET /sse/{$}", g.serveSSE)
 	mux.HandleFunc("GET /healthz", g.healthz)
 	mux.HandleFunc("GET /healthz/redis", g.healthzRedis)
 	mux.HandleFunc("GET /healthz/websocket", g.healthzWebsocket)
@@ -216,7 +228,7 @@ func (g *Gateway) sweep() {
 				switch {
 				case n >= s.expiresAt.Load():
 					s.closeWith(errTokenExpired)
-				case idle > 0 && n-s.lastSeen.Load() > idle:
+				case idle > 0 && !s.sse && n-s.lastSeen.Load() > idle: // a stream's client never speaks
 					s.closeWith(errIdle)
 				case interval > 0 && n >= s.nextPing:
 					s.nextPing = n + interval
@@ -316,6 +328,13 @@ func (g *Gateway) handleText(s *session, now time.Time, data []byte) {
 	}
 }
 
+// remove unregisters a session from the hub, once.
+func (g *Gateway) remove(s *session) {
+	if g.hub.Remove(s.user, s) {
+		g.m.ActiveConnections.WithLabelValues(s.transport()).Dec()
+	}
+}
+
 // recoverPanic turns a panic in a connection callback into a 1011 close of
 // that connection; the process lives on.
 func (g *Gateway) recoverPanic(s *session) {
@@ -342,9 +361,9 @@ func (g *Gateway) onClose(c *websocket.Conn, err error) {
 		if err != nil && !errors.As(err, &ce) {
 			reason = "abnormal"
 		}
-		g.m.ConnectionsClosed.WithLabelValues(reason).Inc()
+		g.m.ConnectionsClosed.WithLabelValues(s.transport(), reason).Inc()
 	}
-	g.hub.Remove(s.user, s)
+	g.remove(s)
 }
 
 func (g *Gateway) countValidation(err error) {

@@ -70,7 +70,12 @@ func (s *session) releaseHoldLocked(r *replayOut) bool {
 		if last := s.lastID; last == nil || (last.Epoch == r.position.Epoch && last.Offset < r.position.Offset) {
 			s.lastID = r.position
 		}
-		if !s.pushLocked(outbound{msg: systemMessage(eventFrame("resume.position", "id", positionString(s.lastID)))}) {
+		pos := positionString(s.lastID)
+		m := systemMessage(eventFrame("resume.position", "id", pos))
+		if s.sse {
+			m.SetAlt(ssePosition(m.Payload, pos))
+		}
+		if !s.pushLocked(outbound{msg: m}) {
 			return false
 		}
 	}

@@ -98,7 +98,7 @@ func TestRedisOutageDegradesAndRecovers(t *testing.T) {
 	for i, r := range readers {
 		eventually(t, 20*time.Second, fmt.Sprintf("client %d degraded", i), func() bool { return r.count("connection.degraded") == 1 })
 	}
-	if got := testutil.ToFloat64(st.m.ActiveConnections); got != n {
+	if got := testutil.ToFloat64(st.m.ActiveConnections.WithLabelValues("websocket")); got != n {
 		t.Fatalf("%v connections open during the outage, want %d", got, n)
 	}
 	if err := st.redis.Restart(); err != nil {
@@ -226,7 +226,7 @@ func TestSlowConsumerIsClosedAndOthersUnaffected(t *testing.T) {
 		r.mu.Unlock()
 	}
 	eventually(t, 10*time.Second, "slow consumer closed", func() bool {
-		return testutil.ToFloat64(st.m.ConnectionsClosed.WithLabelValues("slow_consumer")) == 1
+		return testutil.ToFloat64(st.m.ConnectionsClosed.WithLabelValues("websocket", "slow_consumer")) == 1
 	})
 	var after runtime.MemStats
 	runtime.GC()

@@ -8,10 +8,12 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/lesismal/nbio"
 	"github.com/lesismal/nbio/nbhttp/websocket"
 
 	"github.com/huleedu/websocket-service/internal/hub"
 	"github.com/huleedu/websocket-service/internal/jwtauth"
+	"github.com/huleedu/websocket-service/internal/metrics"
 	"github.com/huleedu/websocket-service/notify"
 )
 
@@ -28,7 +30,8 @@ type session struct {
 	gw     *Gateway
 	user   string
 	writer *writer
-	conn   *websocket.Conn // set by attach, before the session is scheduled
+	conn   *websocket.Conn // set by attach, before the session is scheduled (WebSocket)
+	stream *nbio.Conn      // set by attachStream (Server-Sent Events; sse.go)
 
 	expiresAt atomic.Int64 // unix nanos of the token's exp
 	issuedAt  atomic.Int64 // unix seconds of the token's iat (0: none)
@@ -53,6 +56,7 @@ type session struct {
 	repairGen    uint32 // counts repairs, so a late result of an abandoned one is ignored
 	toldDown     bool   // the client was told connection.degraded
 	clientClosed bool   // the client sent the close frame
+	sse          bool   // a Server-Sent Events stream (sse.go), not a WebSocket
 	// lastID is the newest history id this connection has (nil: unknown),
 	// where a repair after a Redis outage starts from.
 	lastID *notify.ID
@@ -112,6 +116,23 @@ func (s *session) attach(c *websocket.Conn) {
 	if sched {
 		s.writer.schedule(s)
 	}
+}
+
+// transport is the session's metric label.
+func (s *session) transport() string {
+	if s.sse {
+		return metrics.TransportSSE
+	}
+	return metrics.TransportWebSocket
+}
+
+// frameOf is what this session writes for m: the WebSocket frame, or the
+// Server-Sent Events encoding (made once per message, shared).
+func (s *session) frameOf(m *hub.Message) []byte {
+	if s.sse {
+		return m.Alt(sseEvent)
+	}
+	return m.Frame
 }
 
 // Deliver implements hub.Conn. It runs on the broker's goroutine: enqueue only.
@@ -400,7 +421,7 @@ func (s *session) run() {
 		}
 		if s.queue.len() == 0 || s.queue.peek().close != nil {
 			s.mu.Unlock()
-			if s.writeFrame(o.msg.Frame) == nil {
+			if s.writeFrame(s.frameOf(o.msg)) == nil {
 				s.delivered(o.msg)
 			}
 			continue
@@ -408,12 +429,12 @@ func (s *session) run() {
 		// Several frames waiting (a replay, a burst): one write for all of
 		// them, up to the flush threshold, instead of a syscall each.
 		batch := []*hub.Message{o.msg}
-		size := len(o.msg.Frame)
+		size := len(s.frameOf(o.msg))
 		for len(batch) < maxBatch && s.queue.len() > 0 && s.queue.peek().close == nil && size < flushThreshold {
 			next := s.queue.pop()
 			s.queueBytes -= len(next.msg.Payload)
 			batch = append(batch, next.msg)
-			size += len(next.msg.Frame)
+			size += len(s.frameOf(next.msg))
 		}
 		s.mu.Unlock()
 		if s.writeFrames(batch, size) == nil {
@@ -441,7 +462,7 @@ func (s *session) delivered(m *hub.Message) {
 func (s *session) writeFrames(batch []*hub.Message, size int) error {
 	buf := make([]byte, 0, size)
 	for _, m := range batch {
-		buf = append(buf, m.Frame...)
+		buf = append(buf, s.frameOf(m)...)
 	}
 	return s.writeFrame(buf)
 }
@@ -463,12 +484,24 @@ func (s *session) writeFrame(frame []byte) error {
 		return net.ErrClosed
 	}
 	s.pending.Add(int64(len(frame)))
+	if s.sse {
+		_, err := s.stream.Write(frame)
+		return err
+	}
 	_, err := s.conn.Conn.Write(frame)
 	return err
 }
 
 // writeControl sends a control frame (ping, pong, close: payload < 126 bytes).
+// A stream has no control frames: a ping is a comment line, nothing else is
+// sent (sse.go writes its close).
 func (s *session) writeControl(t websocket.MessageType, payload []byte) error {
+	if s.sse {
+		if t == websocket.PingMessage {
+			return s.writeFrame(sseHeartbeat)
+		}
+		return nil
+	}
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	if s.closeOnWire {
@@ -482,7 +515,11 @@ func (s *session) writeControl(t websocket.MessageType, payload []byte) error {
 // writeClose sends the close frame, then drops the socket if the client has
 // not completed the close handshake within the close grace.
 func (s *session) writeClose(r *closeReason) {
-	s.gw.m.ConnectionsClosed.WithLabelValues(r.Metric).Inc()
+	s.gw.m.ConnectionsClosed.WithLabelValues(s.transport(), r.Metric).Inc()
+	if s.sse {
+		s.closeStream(r)
+		return
+	}
 	_ = s.writeControl(websocket.CloseMessage, r.frame)
 	c := s.conn
 	s.gw.engine.AfterFunc(s.gw.opts.CloseGrace, func() { _ = c.Close() })

@@ -13,6 +13,7 @@ import (
 	"github.com/lesismal/nbio/nbhttp/websocket"
 
 	"github.com/huleedu/websocket-service/internal/jwtauth"
+	"github.com/huleedu/websocket-service/internal/metrics"
 )
 
 // serveWS authenticates, registers and subscribes, and only then completes
@@ -25,12 +26,12 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 	case g.handshake <- struct{}{}:
 		defer func() { <-g.handshake }()
 	default:
-		g.m.ConnectionsRejected.WithLabelValues("handshake_limit").Inc()
+		g.m.ConnectionsRejected.WithLabelValues(metrics.TransportWebSocket, "handshake_limit").Inc()
 		http.Error(w, "too many handshakes in progress", http.StatusServiceUnavailable)
 		return
 	}
 	if !g.originAllowed(r) {
-		g.m.ConnectionsRejected.WithLabelValues("origin").Inc()
+		g.m.ConnectionsRejected.WithLabelValues(metrics.TransportWebSocket, "origin").Inc()
 		http.Error(w, "origin not allowed", http.StatusForbidden)
 		return
 	}
@@ -69,6 +70,7 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 		g.reject(w, r, err)
 		return
 	}
+	g.m.ActiveConnections.WithLabelValues(metrics.TransportWebSocket).Inc()
 	// Subscribed: whatever is published from now on reaches s, so reading
 	// the history now leaves no gap.
 	if resume {
@@ -78,13 +80,13 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 	}
 	conn, err := g.upgrader.UpgradeAndTransferConnToPoller(w, r, nil)
 	if err != nil {
-		g.hub.Remove(id.UserID, s)
-		g.m.ConnectionsRejected.WithLabelValues("upgrade_failed").Inc()
+		g.remove(s)
+		g.m.ConnectionsRejected.WithLabelValues(metrics.TransportWebSocket, "upgrade_failed").Inc()
 		g.log.Debug("upgrade failed", "error", err)
 		return
 	}
 	s.attach(conn)
-	g.m.ConnectionsOpened.Inc()
+	g.m.ConnectionsOpened.WithLabelValues(metrics.TransportWebSocket).Inc()
 	g.lastOpen.Store(time.Now().UnixNano())
 }
 
@@ -117,7 +119,7 @@ func (g *Gateway) checkRevoked(ctx context.Context, id jwtauth.Identity) (int64,
 // Nothing was subscribed.
 func (g *Gateway) reject(w http.ResponseWriter, r *http.Request, err error) {
 	reason := closeFor(err)
-	g.m.ConnectionsRejected.WithLabelValues(reason.Metric).Inc()
+	g.m.ConnectionsRejected.WithLabelValues(metrics.TransportWebSocket, reason.Metric).Inc()
 	c, uerr := g.rejecter.Upgrade(w, r, nil, false, false)
 	if uerr != nil {
 		return

@@ -39,7 +39,24 @@ type Message struct {
 	Frame      []byte     // Options.Encode(Payload): what connections write, encoded once
 	ID         *notify.ID // the history id publish.lua put first in Payload; nil without history
 	ReceivedAt time.Time
+
+	alt atomic.Pointer[[]byte] // a second encoding (Alt), made once for all connections
 }
+
+// Alt returns a second encoding of the message (the gateway's Server-Sent
+// Events framing beside the WebSocket Frame): made by the first connection
+// that asks, then shared.
+func (m *Message) Alt(encode func(*Message) []byte) []byte {
+	if b := m.alt.Load(); b != nil {
+		return *b
+	}
+	b := encode(m)
+	m.alt.CompareAndSwap(nil, &b)
+	return *m.alt.Load()
+}
+
+// SetAlt sets the second encoding of a message made for one connection.
+func (m *Message) SetAlt(b []byte) { m.alt.Store(&b) }
 
 // Conn is a local connection as the hub sees it. Both methods must return
 // without blocking (they enqueue).
@@ -143,7 +160,6 @@ func (h *Hub) Add(ctx context.Context, user string, c Conn) error {
 		c.LinkState(false)
 	}
 	s.mu.Unlock()
-	h.m.ActiveConnections.Inc()
 	select {
 	case <-ready:
 		return nil
@@ -154,15 +170,15 @@ func (h *Hub) Add(ctx context.Context, user string, c Conn) error {
 }
 
 // Remove unregisters c; the user's topic is unsubscribed with its last
-// connection. Removing an unknown connection is a no-op.
-func (h *Hub) Remove(user string, c Conn) {
+// connection. Removing an unknown connection is a no-op that reports false.
+func (h *Hub) Remove(user string, c Conn) bool {
 	s := h.shard(user)
 	s.mu.Lock()
 	conns := s.users[user]
 	i := slices.Index(conns, c)
 	if i < 0 {
 		s.mu.Unlock()
-		return
+		return false
 	}
 	conns = slices.Delete(conns, i, i+1)
 	if len(conns) == 0 {
@@ -173,7 +189,7 @@ func (h *Hub) Remove(user string, c Conn) {
 	}
 	s.mu.Unlock()
 	h.total.Add(-1)
-	h.m.ActiveConnections.Dec()
+	return true
 }
 
 // Count returns the number of registered connections.

@@ -14,11 +14,11 @@ import (
 type Metrics struct {
 	Registry *prometheus.Registry
 
-	ActiveConnections   prometheus.Gauge
-	ConnectionsLimit    prometheus.Gauge // WEBSOCKET_MAX_CONNECTIONS (0: none)
-	ConnectionsOpened   prometheus.Counter
-	ConnectionsRejected *prometheus.CounterVec // reason
-	ConnectionsClosed   *prometheus.CounterVec // reason
+	ActiveConnections   *prometheus.GaugeVec // transport
+	ConnectionsLimit    prometheus.Gauge     // WEBSOCKET_MAX_CONNECTIONS (0: none)
+	ConnectionsOpened   *prometheus.CounterVec // transport
+	ConnectionsRejected *prometheus.CounterVec // transport, reason
+	ConnectionsClosed   *prometheus.CounterVec // transport, reason
 	MessagesReceived    prometheus.Counter
 	MessagesDelivered   prometheus.Counter
 	MessagesDropped     *prometheus.CounterVec // reason
@@ -34,6 +34,15 @@ type Metrics struct {
 	Disconnects         prometheus.Counter
 	RevocationChecks    *prometheus.CounterVec // outcome: ok, revoked, unavailable
 }
+
+// Transports, the values of the transport label.
+const (
+	TransportWebSocket = "websocket"
+	TransportSSE       = "sse"
+)
+
+// Transports lists the transport label's values.
+var Transports = []string{TransportWebSocket, TransportSSE}
 
 // Drop reasons.
 const (
@@ -51,16 +60,16 @@ func New() *Metrics {
 	f := func(c prometheus.Collector) { reg.MustRegister(c) }
 	m := &Metrics{
 		Registry: reg,
-		ActiveConnections: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "websocket_connections_active", Help: "Open WebSocket connections on this instance."}),
+		ActiveConnections: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "websocket_connections_active", Help: "Open client connections on this instance, by transport (websocket, sse)."}, []string{"transport"}),
 		ConnectionsLimit: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "websocket_connections_limit", Help: "WEBSOCKET_MAX_CONNECTIONS of this instance (0: no limit)."}),
-		ConnectionsOpened: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "websocket_connections_opened_total", Help: "Authenticated connections opened."}),
+		ConnectionsOpened: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "websocket_connections_opened_total", Help: "Authenticated connections opened, by transport."}, []string{"transport"}),
 		ConnectionsRejected: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "websocket_connections_rejected_total", Help: "Upgrades refused or closed at once, by reason."}, []string{"reason"}),
+			Name: "websocket_connections_rejected_total", Help: "Connections refused before or at once after the handshake, by transport and reason."}, []string{"transport", "reason"}),
 		ConnectionsClosed: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "websocket_connections_closed_total", Help: "Open connections closed, by reason."}, []string{"reason"}),
+			Name: "websocket_connections_closed_total", Help: "Open connections closed, by transport and reason."}, []string{"transport", "reason"}),
 		MessagesReceived: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "websocket_redis_messages_received_total", Help: "Messages received from Redis pub/sub."}),
 		MessagesDelivered: prometheus.NewCounter(prometheus.CounterOpts{
@@ -104,6 +113,10 @@ func New() *Metrics {
 	m.Init(m.JWTValidations, "valid", "invalid", "expired", "missing")
 	m.Init(m.Repairs, "complete", "incomplete")
 	m.Init(m.RevocationChecks, "ok", "revoked", "unavailable")
+	for _, t := range Transports {
+		m.ActiveConnections.WithLabelValues(t)
+		m.ConnectionsOpened.WithLabelValues(t)
+	}
 	return m
 }
 
