@@ -355,7 +355,7 @@ func TestSSEPolicyEnds(t *testing.T) {
 }
 
 func TestSSESlowConsumer(t *testing.T) {
-	st := newStack(t, func(c *stackConfig) { c.gw.SendQueueMsgs, c.gw.SendQueueBytes = 16, 16 << 10 })
+	st := newStack(t, func(c *stackConfig) { c.gw.SendQueueMsgs, c.gw.SendQueueBytes = 16, 16<<10 })
 	c := st.sse("slow", nil)
 	c.nextEvent(t, "resume.position")
 	big := `{"pad":"` + strings.Repeat("x", 8000) + `"}`

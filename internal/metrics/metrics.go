@@ -14,8 +14,8 @@ import (
 type Metrics struct {
 	Registry *prometheus.Registry
 
-	ActiveConnections   *prometheus.GaugeVec // transport
-	ConnectionsLimit    prometheus.Gauge     // WEBSOCKET_MAX_CONNECTIONS (0: none)
+	ActiveConnections   *prometheus.GaugeVec   // transport
+	ConnectionsLimit    prometheus.Gauge       // WEBSOCKET_MAX_CONNECTIONS (0: none)
 	ConnectionsOpened   *prometheus.CounterVec // transport
 	ConnectionsRejected *prometheus.CounterVec // transport, reason
 	ConnectionsClosed   *prometheus.CounterVec // transport, reason
