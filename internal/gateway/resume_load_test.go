@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/http"
 	"net/url"
 	"os"
 	"strconv"
@@ -26,7 +27,62 @@ import (
 // the one before (none missing, none twice, in order), across all of its
 // connections, and at the end each client holds its user's last id.
 // RESUME_LOAD_SECONDS (default 4) runs it longer.
-func TestResumeUnderLoad(t *testing.T) {
+func TestResumeUnderLoad(t *testing.T) { resumeUnderLoad(t, "websocket") }
+
+// TestResumeUnderLoadSSE is the same over Server-Sent Events, resuming with
+// Last-Event-ID as EventSource does.
+func TestResumeUnderLoadSSE(t *testing.T) { resumeUnderLoad(t, "sse") }
+
+// loadStream is one connection of a load client: WebSocket or event stream.
+type loadStream interface {
+	next(deadline time.Time) ([]byte, error)
+	close()
+}
+
+type wsLoadStream struct{ conn *websocket.Conn }
+
+func (w wsLoadStream) next(deadline time.Time) ([]byte, error) {
+	_ = w.conn.SetReadDeadline(deadline)
+	_, msg, err := w.conn.ReadMessage()
+	return msg, err
+}
+func (w wsLoadStream) close() { w.conn.Close() }
+
+type sseLoadStream struct{ c *sseClient }
+
+func (s sseLoadStream) next(deadline time.Time) ([]byte, error) {
+	for {
+		ev, err := s.c.next(time.Until(deadline))
+		if err != nil {
+			return nil, err
+		}
+		if !ev.Comment {
+			return []byte(ev.Data), nil
+		}
+	}
+}
+func (s sseLoadStream) close() { s.c.close() }
+
+func dialLoad(st *stack, transport, user, since string) (loadStream, error) {
+	tok := st.token(user, time.Hour)
+	if transport == "sse" {
+		c, err := dialSSE(st.httpURL(), "/sse/v1/status/"+user+"?token="+tok, http.Header{"Last-Event-Id": {since}})
+		if err != nil {
+			return nil, err
+		}
+		if c.status != 200 {
+			return nil, fmt.Errorf("HTTP %d %s", c.status, c.body)
+		}
+		return sseLoadStream{c}, nil
+	}
+	conn, _, err := websocket.DefaultDialer.Dial(st.wsURL+"/ws/v1/status/"+user+"?since="+url.QueryEscape(since)+"&token="+tok, nil)
+	if err != nil {
+		return nil, err
+	}
+	return wsLoadStream{conn}, nil
+}
+
+func resumeUnderLoad(t *testing.T, transport string) {
 	const users, clients, rate = 500, 1000, 2500
 	duration := 4 * time.Second
 	if v, err := strconv.Atoi(os.Getenv("RESUME_LOAD_SECONDS")); err == nil && v > 0 {
@@ -117,19 +173,17 @@ func TestResumeUnderLoad(t *testing.T) {
 				return nil
 			}
 			session := func(until time.Time, stopAt func() bool) error {
-				u := st.wsURL + "/ws/v1/status/" + user + "?since=" + url.QueryEscape(have.String()) + "&token=" + st.token(user, time.Hour)
-				conn, _, err := websocket.DefaultDialer.Dial(u, nil)
+				conn, err := dialLoad(st, transport, user, have.String())
 				if err != nil {
 					return fmt.Errorf("%s: dial: %w", user, err)
 				}
-				defer conn.Close()
+				defer conn.close()
 				resumes.Add(1)
 				began := time.Now()
 				sinceUsed := have.String()
 				var got []string
 				for time.Now().Before(until) && !stopAt() {
-					_ = conn.SetReadDeadline(until)
-					_, msg, err := conn.ReadMessage()
+					msg, err := conn.next(until)
 					if err != nil {
 						var ne interface{ Timeout() bool }
 						if errors.As(err, &ne) && ne.Timeout() {
