@@ -60,6 +60,7 @@ type benchConn struct {
 	b       *bench
 	user    int
 	ws      *gws.Conn
+	nc      net.Conn     // the TCP connection (WebSocket or event stream)
 	lastSeq atomic.Int64 // sequence numbers to one user arrive in increasing order
 	probe   atomic.Int64 // storm: last probe generation seen
 	done    chan struct{}
@@ -268,25 +269,35 @@ func (b *bench) dialSince(i int, prev *benchConn, urlIndex int) *benchConn {
 		b.fail(classify(err))
 		return nil
 	}
-	c := &benchConn{b: b, user: user, done: make(chan struct{}), index: i}
+	c := &benchConn{b: b, user: user, done: make(chan struct{}), index: i, nc: nc}
 	addr := base + "/ws/v1/status/" + url.PathEscape(name) + "?token=" + url.QueryEscape(tok)
-	switch {
-	case prev != nil:
+	since, hasSince := "", b.o.History // resume-aware: the server answers with our position
+	if prev != nil {
 		c.lastSeq.Store(prev.lastSeq.Load())
 		c.gaps.Store(prev.gaps.Load())
 		c.repeats.Store(prev.repeats.Load())
 		if id := prev.lastID.Load(); id != nil {
 			c.lastID.Store(id)
-			since := notify.EmptyPosition
+			since, hasSince = notify.EmptyPosition, true
 			if id.Epoch != "" {
 				since = id.String()
 			}
-			addr += "&since=" + url.QueryEscape(since)
-		} else if b.o.History {
-			addr += "&since="
 		}
-	case b.o.History:
-		addr += "&since=" // resume-aware: the server answers with our position
+	}
+	if b.o.Transport == "sse" {
+		if err := c.openStream(u.Host, "/sse/v1/status/"+url.PathEscape(name)+"?token="+url.QueryEscape(tok), since); err != nil {
+			_ = nc.Close()
+			b.fail(classify(err))
+			return nil
+		}
+		b.mu.Lock()
+		_ = b.handshake.RecordValue(time.Since(start).Microseconds())
+		b.connsOf[user]++
+		b.mu.Unlock()
+		return c
+	}
+	if hasSince {
+		addr += "&since=" + url.QueryEscape(since)
 	}
 	ws, _, err := gws.NewClientFromConn(c, &gws.ClientOption{
 		Addr:             addr,
@@ -337,8 +348,8 @@ func (b *bench) closeAll() {
 	conns := append([]*benchConn(nil), b.conns...)
 	b.mu.Unlock()
 	for _, c := range conns {
-		if c != nil && c.ws != nil {
-			_ = c.ws.NetConn().Close()
+		if c != nil && c.nc != nil {
+			_ = c.nc.Close()
 			<-c.done
 		}
 	}
@@ -367,10 +378,19 @@ func (b *bench) open() int {
 func (c *benchConn) OnOpen(*gws.Conn) {}
 
 func (c *benchConn) OnClose(_ *gws.Conn, err error) {
-	var ce *gws.CloseError
+	code := 0
+	if ce := (*gws.CloseError)(nil); errors.As(err, &ce) {
+		code = int(ce.Code)
+	}
+	c.ended(code)
+}
+
+// ended records a connection's end (code: the server's close code, 0 if
+// none) and reconnects when asked to.
+func (c *benchConn) ended(code int) {
 	reconnect := c.b.o.Reconnect && !c.b.stopping.Load()
-	if errors.As(err, &ce) && !reconnect {
-		c.b.fail(fmt.Sprintf("closed_%d", ce.Code))
+	if code != 0 && !reconnect {
+		c.b.fail(fmt.Sprintf("closed_%d", code))
 		c.b.closedOpen.Add(1)
 	}
 	c.b.mu.Lock()
@@ -387,7 +407,11 @@ func (c *benchConn) OnPong(*gws.Conn, []byte)     {}
 
 func (c *benchConn) OnMessage(_ *gws.Conn, m *gws.Message) {
 	defer m.Close()
-	data := m.Bytes()
+	c.handle(m.Bytes())
+}
+
+// handle takes one message (a WebSocket frame or an event's data).
+func (c *benchConn) handle(data []byte) {
 	c.trackID(data)
 	if !bytes.Contains(data, []byte(`"event":"bench"`)) {
 		if bytes.Contains(data, []byte(`"event":"probe"`)) {

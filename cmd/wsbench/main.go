@@ -30,6 +30,7 @@ type options struct {
 	Prefix      string
 	Secret      string
 	TokensFile  string
+	Transport   string // websocket or sse
 	KeyFile     string // PEM private key: mint asymmetric tokens (--alg, --kid)
 	Alg         string
 	Kid         string
@@ -70,6 +71,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs := flag.NewFlagSet("wsbench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.StringVar(&o.Scenario, "scenario", "deliver", "idle | deliver | storm | publish | resume | repair")
+	fs.StringVar(&o.Transport, "transport", "websocket", "websocket, or sse (Server-Sent Events on /sse/v1/status/{user})")
 	fs.StringVar(&o.URL, "url", "ws://127.0.0.1:8080", "gateway base URL; comma-separated to spread connections over several instances")
 	fs.StringVar(&o.Redis, "redis", "redis://127.0.0.1:6379", "Redis URL to publish through")
 	fs.StringVar(&o.Prefix, "prefix", "ws", "REDIS_CHANNEL_PREFIX of the gateway")
@@ -112,6 +114,9 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	}
 	if o.Secret == "" && o.TokensFile == "" && o.KeyFile == "" {
 		return o, errors.New("give --jwt-secret (or $JWT_SECRET_KEY), --key-file or --tokens-file")
+	}
+	if o.Transport != "websocket" && o.Transport != "sse" {
+		return o, errors.New("--transport must be websocket or sse")
 	}
 	if o.Sources < 1 || o.Sources > 250 {
 		return o, errors.New("--sources must be 1..250")

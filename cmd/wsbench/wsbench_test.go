@@ -75,7 +75,7 @@ func startGateway(t *testing.T, redisURL string, extraEnv ...string) *gateway {
 }
 
 func testOptions(g *gateway, redisURL string) options {
-	return options{URL: g.url, Redis: redisURL, Prefix: "ws", Secret: secret, Conns: 50, Users: 20,
+	return options{Transport: "websocket", URL: g.url, Redis: redisURL, Prefix: "ws", Secret: secret, Conns: 50, Users: 20,
 		Concurrency: 16, Sources: 2, Rate: 200, Duration: 2 * time.Second, Drain: 3 * time.Second,
 		Hold: 200 * time.Millisecond, P99Bound: time.Second, Payload: 100,
 		ServerPids: fmt.Sprint(g.proc.Pid())}
@@ -84,18 +84,24 @@ func testOptions(g *gateway, redisURL string) options {
 func TestDeliverCountsEverything(t *testing.T) {
 	redis := redistest.Start(t)
 	g := startGateway(t, redis.URL())
-	b, err := newBench(testOptions(g, redis.URL()), os.Stderr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.close()
-	b.connectAll(context.Background())
-	if b.open() != 50 {
-		t.Fatalf("%d open, failures %v", b.open(), b.failureMap())
-	}
-	r := b.deliver(context.Background(), 200)
-	if r.Lost != 0 || r.Duplicated != 0 || r.Received != r.Expected || r.Expected == 0 || r.Latency["count"] == 0 {
-		t.Fatalf("unexpected result %+v", r)
+	for _, transport := range []string{"websocket", "sse"} {
+		t.Run(transport, func(t *testing.T) {
+			o := testOptions(g, redis.URL())
+			o.Transport = transport
+			b, err := newBench(o, os.Stderr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.close()
+			b.connectAll(context.Background())
+			if b.open() != 50 {
+				t.Fatalf("%d open, failures %v", b.open(), b.failureMap())
+			}
+			r := b.deliver(context.Background(), 200)
+			if r.Lost != 0 || r.Duplicated != 0 || r.Received != r.Expected || r.Expected == 0 || r.Latency["count"] == 0 {
+				t.Fatalf("unexpected result %+v", r)
+			}
+		})
 	}
 }
 
