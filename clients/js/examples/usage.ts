@@ -1,6 +1,6 @@
 // Type-checked by `npm run typecheck` (tsc --noEmit): the README's usage.
 import WebSocket from "ws";
-import { NotificationClient, type Notification, type State } from "@huleedu/websocket-client";
+import { NotificationClient, type Notification, type State, type Transport } from "@huleedu/websocket-client";
 
 interface EssayGraded {
   essay_id: string;
@@ -25,6 +25,7 @@ const off: () => void = client.on("notification", (n: Notification) => {
 client.on("state", (s: State) => console.log("state", s));
 client.on("resync", (info) => console.log("refetch state", info.reason));
 client.on("error", (e) => console.error(e.code, e.errorCode, e.message));
+client.on("transport", (t: Transport) => console.log("now over", t, client.transport));
 client.connect();
 const last: string | undefined = client.lastEventId;
 console.log(last, client.state);

@@ -70,13 +70,32 @@ export interface ClientOptions {
   logger?: Logger;
   /** Random source for the backoff jitter (default Math.random). */
   random?: () => number;
+  /** EventSource implementation for the Server-Sent Events fallback (default: globalThis.EventSource; none: no fallback). */
+  EventSource?: new (url: string) => EventSourceLike;
+  /** fetch, to check that plain HTTP works before falling back, and to read a refused stream's status (default: globalThis.fetch). */
+  fetch?: typeof globalThis.fetch;
+  /** WebSocket attempts in a row that never opened before falling back to Server-Sent Events (default 3). */
+  sseAfterFailures?: number;
+  /** On Server-Sent Events, try WebSocket again after this long (default 300,000 ms). */
+  wsRetryMs?: number;
 }
+
+export interface EventSourceLike {
+  close(): void;
+  onopen: ((ev: any) => void) | null;
+  onmessage: ((ev: any) => void) | null;
+  onerror: ((ev: any) => void) | null;
+}
+
+/** How the client is connected. */
+export type Transport = "websocket" | "sse";
 
 export interface EventMap {
   notification: Notification;
   state: State;
   resync: ResyncInfo;
   error: ClientError;
+  transport: Transport;
 }
 
 export declare class NotificationClient {
@@ -84,6 +103,8 @@ export declare class NotificationClient {
   readonly state: State;
   /** The id to resume from: the last notification id or resume position seen. */
   readonly lastEventId: string | undefined;
+  /** "websocket", or "sse" while WebSockets cannot get through and event streams can. */
+  readonly transport: Transport;
   /** Adds a listener; returns the function that removes it. */
   on<K extends keyof EventMap>(type: K, listener: (value: EventMap[K]) => void): () => void;
   connect(): void;

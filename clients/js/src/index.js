@@ -16,6 +16,8 @@ const defaults = {
   idleMs: 25000, // nothing received for this long: send an app-level ping
   pongTimeoutMs: 10000, // no answer to that ping: the socket is dead, reconnect
   checkMs: 5000, // how often liveness and token expiry are checked
+  sseAfterFailures: 3, // WebSocket attempts that never opened before trying Server-Sent Events
+  wsRetryMs: 300000, // on Server-Sent Events, try WebSocket again after this long
 };
 
 /** Reads a JWT's exp (seconds) without verifying it: only to refresh in time. */
@@ -41,7 +43,11 @@ export function backoffDelay(attempt, minDelayMs, maxDelayMs, random = Math.rand
 
 export class NotificationClient {
   #o;
-  #ws = null;
+  #ws = null; // the open WebSocket, or
+  #es = null; // the open EventSource
+  #transport = "websocket";
+  #wsFailures = 0; // WebSocket attempts in a row that never opened
+  #sseSince = 0;
   #state = "closed";
   #listeners = new Map();
   #timer = null; // reconnect timer
@@ -57,6 +63,7 @@ export class NotificationClient {
   #refreshing = false;
   #lastId;
   #seen = new Set();
+  #opened = false; // the current connection opened
   #wanted = false; // connect() called and not close()d
   #gen = 0; // connection generation: events of a replaced socket are ignored
   #unhook = [];
@@ -80,6 +87,11 @@ export class NotificationClient {
     return this.#lastId;
   }
 
+  /** "websocket", or "sse" while WebSockets cannot get through (a proxy) and event streams can. */
+  get transport() {
+    return this.#transport;
+  }
+
   /** Adds a listener; returns the function that removes it. */
   on(type, fn) {
     if (!this.#listeners.has(type)) this.#listeners.set(type, new Set());
@@ -89,7 +101,7 @@ export class NotificationClient {
 
   connect() {
     this.#wanted = true;
-    if (this.#ws || this.#timer || this.#state === "connecting") return;
+    if (this.#ws || this.#es || this.#timer || this.#state === "connecting") return;
     this.#attempt = 0;
     this.#authRetried = false;
     this.#open();
@@ -111,7 +123,11 @@ export class NotificationClient {
 
   /** Checks the connection at once (e.g. after the device woke up). */
   checkLiveness() {
-    if (this.#ws && this.#ws.readyState === 1) {
+    if (this.#es) {
+      // A stream cannot be pinged: reopen it (the resume makes that lossless).
+      this.#stop(1000);
+      this.#open();
+    } else if (this.#ws && this.#ws.readyState === 1) {
       this.#ping();
       clearTimeout(this.#wakeTimer);
       this.#wakeTimer = setTimeout(() => this.#check(), this.#o.pongTimeoutMs);
@@ -154,9 +170,20 @@ export class NotificationClient {
       return;
     }
     if (gen !== this.#gen || !this.#wanted) return;
+    const ES = this.#o.EventSource || globalThis.EventSource;
+    if (this.#transport === "websocket" && ES && this.#wsFailures >= this.#o.sseAfterFailures && (await this.#httpWorks())) {
+      if (gen !== this.#gen || !this.#wanted) return;
+      this.#setTransport("sse");
+    }
     this.#exp = tokenExpiry(token);
     this.#tokenAt = Date.now();
-    const base = String(this.#o.url).replace(/^http/, "ws").replace(/\/+$/, "");
+    this.#opened = false;
+    if (this.#transport === "sse") this.#openStream(gen, token, ES);
+    else this.#openSocket(gen, token);
+  }
+
+  #openSocket(gen, token) {
+    const base = this.#base().replace(/^http/, "ws");
     const q = new URLSearchParams({ since: this.#lastId ?? "" });
     // The token rides in Sec-WebSocket-Protocol after "bearer" (kept out of
     // access logs); tokenIn: "query" sends ?token= for older servers.
@@ -169,20 +196,125 @@ export class NotificationClient {
       ws = inQuery ? new WS(url) : new WS(url, ["bearer", token]);
     } catch (e) {
       this.#log("WebSocket constructor failed", e);
+      this.#wsFailures++;
       this.#retry(false);
       return;
     }
     this.#ws = ws;
     ws.onopen = () => {
       if (gen !== this.#gen) return;
-      this.#openedAt = this.#lastRx = Date.now();
-      this.#pingSentAt = 0;
-      this.#setState("open");
-      this.#ticker = setInterval(() => this.#check(), this.#o.checkMs);
+      this.#wsFailures = 0;
+      this.#onOpen();
     };
     ws.onmessage = (ev) => gen === this.#gen && this.#onFrame(ev.data);
-    ws.onclose = (ev) => gen === this.#gen && this.#onClose(ev.code, ev.reason);
+    ws.onclose = (ev) => {
+      if (gen !== this.#gen) return;
+      if (!this.#opened) this.#wsFailures++;
+      this.#onClose(ev.code, ev.reason);
+    };
     ws.onerror = () => {}; // a close event always follows
+  }
+
+  // An event stream: the token in the query (EventSource sends no headers),
+  // the position as since; EventSource's own reconnects are replaced by
+  // this client's, which fetch a fresh token and back off.
+  #openStream(gen, token, ES) {
+    const q = new URLSearchParams({ token });
+    if (this.#lastId !== undefined) q.set("since", this.#lastId);
+    const url = `${this.#base()}/sse/v1/status/${encodeURIComponent(this.#o.userId)}?${q}`;
+    let es;
+    try {
+      es = new ES(url);
+    } catch (e) {
+      this.#log("EventSource constructor failed", e);
+      this.#retry(false);
+      return;
+    }
+    this.#es = es;
+    es.onopen = () => gen === this.#gen && this.#onOpen();
+    es.onmessage = (ev) => {
+      if (gen !== this.#gen) return;
+      if (typeof ev.data === "string" && ev.data.startsWith('{"event":"connection.closed"')) {
+        let d = {};
+        try {
+          d = JSON.parse(ev.data).data || {};
+        } catch {}
+        this.#dropStream();
+        this.#onClose(d.code || 1006, JSON.stringify({ error_code: d.error_code, message: d.message }));
+        return;
+      }
+      this.#onFrame(ev.data);
+    };
+    es.onerror = async () => {
+      if (gen !== this.#gen) return;
+      const opened = this.#opened;
+      this.#dropStream();
+      // Before it opened, EventSource hides the HTTP status: ask for it.
+      const [code, reason] = opened ? [1006, ""] : await this.#refusal(url);
+      if (gen === this.#gen) this.#onClose(code, reason);
+    };
+  }
+
+  #dropStream() {
+    const es = this.#es;
+    this.#es = null;
+    if (es) {
+      es.onopen = es.onmessage = es.onerror = null;
+      es.close();
+    }
+  }
+
+  // The close code a refused stream request stands for.
+  async #refusal(url) {
+    const f = this.#o.fetch || globalThis.fetch;
+    if (!f) return [1006, ""];
+    const ctl = new AbortController();
+    try {
+      const res = await f(url, { signal: ctl.signal, headers: { Accept: "text/event-stream" } });
+      if (res.ok) return [1006, ""];
+      const body = await res.json().catch(() => ({}));
+      const code = { 401: 1008, 403: 1008, 429: 4000, 503: 1013 }[res.status] || 1011;
+      return [code, JSON.stringify(body)];
+    } catch {
+      return [1006, ""];
+    } finally {
+      ctl.abort();
+    }
+  }
+
+  // Plain HTTP reaches the service (a WebSocket that fails while this works
+  // is a proxy or filter in the way).
+  async #httpWorks() {
+    const f = this.#o.fetch || globalThis.fetch;
+    if (!f) return false;
+    try {
+      const res = await f(`${this.#base()}/healthz`, { cache: "no-store" });
+      return res.ok;
+    } catch {
+      return false;
+    }
+  }
+
+  #base() {
+    return String(this.#o.url).replace(/^ws/, "http").replace(/\/+$/, "");
+  }
+
+  #setTransport(t) {
+    if (this.#transport === t) return;
+    this.#transport = t;
+    this.#sseSince = Date.now();
+    this.#wsFailures = 0;
+    this.#log("transport", t);
+    this.#emit("transport", t);
+  }
+
+  #onOpen() {
+    this.#opened = true;
+    this.#openedAt = this.#lastRx = Date.now();
+    this.#pingSentAt = 0;
+    this.#setState("open");
+    clearInterval(this.#ticker);
+    this.#ticker = setInterval(() => this.#check(), this.#o.checkMs);
   }
 
   #onFrame(data) {
@@ -226,6 +358,7 @@ export class NotificationClient {
     clearInterval(this.#ticker);
     this.#ticker = null;
     this.#ws = null;
+    this.#es = null;
     this.#refreshing = false;
     let reason = {};
     try {
@@ -270,9 +403,20 @@ export class NotificationClient {
   // Runs every checkMs while open (throttled timers only run it less often;
   // every decision uses wall-clock time, so a late run still decides right).
   #check() {
+    const now = Date.now();
+    if (this.#es) {
+      if (now - this.#sseSince >= this.#o.wsRetryMs) {
+        this.#log("trying WebSocket again");
+        this.#setTransport("websocket");
+        this.#stop(1000);
+        this.#open();
+        return;
+      }
+      this.#maybeRefresh(now);
+      return;
+    }
     const ws = this.#ws;
     if (!ws || ws.readyState !== 1) return;
-    const now = Date.now();
     if (this.#pingSentAt && now - this.#pingSentAt >= this.#o.pongTimeoutMs) {
       this.#log("no pong: reconnecting");
       this.#drop();
@@ -295,6 +439,12 @@ export class NotificationClient {
     this.#refreshing = true;
     const gen = this.#gen;
     try {
+      if (this.#es) {
+        // No way to send a token up a stream: reopen it with a fresh one.
+        this.#stop(1000);
+        this.#open();
+        return;
+      }
       const token = await this.#o.getToken();
       if (gen !== this.#gen || !this.#ws) return;
       const exp = tokenExpiry(token);
@@ -333,6 +483,7 @@ export class NotificationClient {
     this.#timer = this.#ticker = this.#wakeTimer = null;
     const ws = this.#ws;
     this.#ws = null;
+    this.#dropStream();
     this.#refreshing = false;
     if (ws) {
       ws.onopen = ws.onmessage = ws.onclose = null;
@@ -355,7 +506,7 @@ export class NotificationClient {
     add(win, "pageshow", (e) => {
       if (!e.persisted || !this.#wanted) return wake();
       this.#attempt = 0; // restored from the back/forward cache: connect again
-      if (!this.#ws && !this.#timer) this.#open();
+      if (!this.#ws && !this.#es && !this.#timer) this.#open();
     });
     add(win, "pagehide", () => {
       if (!this.#wanted) return;

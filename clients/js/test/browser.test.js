@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
 import path from "node:path";
 import { chromium } from "playwright-core";
-import { publish, startRedis, startService, waitFor } from "./helpers.js";
+import { publish, startFilteringProxy, startRedis, startService, waitFor } from "./helpers.js";
 
 const executablePath = process.env.CHROMIUM;
 const skip = executablePath ? false : "chromium not installed (scripts/test.sh installs it)";
@@ -158,5 +158,70 @@ test("dispose() removes every listener the client added to the page", { skip }, 
     assert.equal(counts.left, 0);
   } finally {
     await context.close();
+  }
+});
+
+test("EventSource in the page: the service restarts while notifications are published; every one arrives once, in order", { skip }, async () => {
+  const user = `es-${process.pid}`;
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  page.setDefaultTimeout(30000);
+  try {
+    await page.goto(`${svc.http}/demo`);
+    await page.evaluate(async (user) => {
+      const { token } = await (await fetch("/demo/token", { method: "POST", body: JSON.stringify({ user }) })).json();
+      window.got = [];
+      window.es = new EventSource(`/sse/v1/status/${user}?token=${token}`);
+      window.es.onmessage = (ev) => {
+        const m = JSON.parse(ev.data);
+        if (m.id) window.got.push(m.id);
+        if (m.event === "resume.position") window.positioned = true;
+      };
+    }, user);
+    await waitFor(() => page.evaluate(() => window.positioned === true), "stream open");
+    const ids = [await publish(redis, user, "before", {})];
+    await waitFor(async () => (await page.evaluate(() => window.got.length)) === 1, "first event");
+    await svc.proc.kill();
+    for (let i = 0; i < 3; i++) ids.push(await publish(redis, user, "while_down", { i }));
+    await waitFor(() => svc.start(), "service restarted", 20000);
+    ids.push(await publish(redis, user, "after", {}));
+    await waitFor(async () => (await page.evaluate(() => window.got.length)) >= ids.length, "every event", 30000);
+    assert.deepEqual(await page.evaluate(() => window.got), ids);
+  } finally {
+    await context.close();
+  }
+});
+
+test("the client falls back to Server-Sent Events behind a proxy that refuses WebSockets, and returns when it allows them", { skip }, async () => {
+  const proxy = await startFilteringProxy(svc);
+  const user = `fb-${process.pid}`;
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  page.setDefaultTimeout(30000);
+  try {
+    await page.goto(`${proxy.url}/demo`);
+    await page.evaluate(async (user) => {
+      const { NotificationClient } = await import("/demo/client.js");
+      const getToken = async () => (await (await fetch("/demo/token", { method: "POST", body: JSON.stringify({ user }) })).json()).token;
+      window.got = [];
+      window.transports = [];
+      window.c = new NotificationClient({ url: location.origin, userId: user, getToken, minDelayMs: 20, maxDelayMs: 100,
+        sseAfterFailures: 2, wsRetryMs: 1500, checkMs: 100 });
+      window.c.on("notification", (n) => window.got.push(n.id));
+      window.c.on("transport", (t) => window.transports.push(t));
+      window.c.connect();
+    }, user);
+    await waitFor(() => page.evaluate(() => window.c.transport === "sse" && window.c.state === "open"), "open over SSE");
+    const ids = [await publish(redis, user, "over_sse", {})];
+    await waitFor(async () => (await page.evaluate(() => window.got.length)) === 1, "notification over SSE");
+    proxy.allowUpgrades(true);
+    await waitFor(() => page.evaluate(() => window.c.transport === "websocket" && window.c.state === "open"), "back on WebSocket");
+    ids.push(await publish(redis, user, "over_ws", {}));
+    await waitFor(async () => (await page.evaluate(() => window.got.length)) === 2, "notification over WebSocket");
+    assert.deepEqual(await page.evaluate(() => window.got), ids);
+    assert.deepEqual(await page.evaluate(() => window.transports), ["sse", "websocket"]);
+  } finally {
+    await context.close();
+    await proxy.close();
   }
 });

@@ -5,6 +5,7 @@
 import { spawn, execFile } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
+import http from "node:http";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
@@ -158,4 +159,53 @@ export function record(client) {
   client.on("error", (e) => r.errors.push(e));
   client.on("resync", (e) => r.resyncs.push(e));
   return r;
+}
+
+/**
+ * An HTTP/1.1 proxy in front of the service, like a school or corporate
+ * filter: it passes plain requests (streaming the responses) and refuses
+ * WebSocket upgrades until allowUpgrades(true).
+ */
+export async function startFilteringProxy(target) {
+  const sockets = new Set();
+  let upgrades = false;
+  const server = http.createServer((req, res) => {
+    const up = http.request({ host: "127.0.0.1", port: target.port, path: req.url, method: req.method, headers: req.headers }, (r) => {
+      res.writeHead(r.statusCode, r.headers);
+      r.pipe(res);
+    });
+    up.on("error", () => res.destroy());
+    req.pipe(up);
+  });
+  server.on("connection", (s) => {
+    sockets.add(s);
+    s.on("close", () => sockets.delete(s));
+  });
+  server.on("upgrade", (req, socket, head) => {
+    if (!upgrades) {
+      socket.end("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+      return;
+    }
+    const up = net.connect(target.port, "127.0.0.1", () => {
+      let raw = `${req.method} ${req.url} HTTP/1.1\r\n`;
+      for (let i = 0; i < req.rawHeaders.length; i += 2) raw += `${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}\r\n`;
+      up.write(raw + "\r\n");
+      up.write(head);
+      socket.pipe(up).pipe(socket);
+    });
+    sockets.add(up);
+    up.on("close", () => sockets.delete(up));
+    up.on("error", () => socket.destroy());
+    socket.on("error", () => up.destroy());
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  const port = server.address().port;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    allowUpgrades: (b) => (upgrades = b),
+    close: async () => {
+      for (const s of sockets) s.destroy();
+      await new Promise((r) => server.close(r));
+    },
+  };
 }
