@@ -14,7 +14,7 @@ test("docs/asyncapi.yaml parses and validates without diagnostics", async () => 
   assert.deepEqual(problems.filter((p) => p.startsWith("error") || p.startsWith("warning")), []);
   assert.equal(document.version(), "3.0.0");
   const addresses = document.channels().all().map((c) => c.address()).sort();
-  assert.deepEqual(addresses, ["/ws", "/ws/v1/status/{client_id}"]);
+  assert.deepEqual(addresses, ["/sse/v1/status/{client_id}", "/ws", "/ws/v1/status/{client_id}"]);
   const names = document.components().messages().all().map((m) => m.name()).sort();
-  assert.deepEqual(names, ["connection.degraded", "connection.restored", "notification", "ping", "pong", "refresh", "resume.incomplete", "resume.position", "token.refreshed"]);
+  assert.deepEqual(names, ["connection.closed", "connection.degraded", "connection.restored", "notification", "ping", "pong", "refresh", "resume.incomplete", "resume.position", "token.refreshed"]);
 });
