@@ -20,14 +20,17 @@ import (
 	"github.com/huleedu/websocket-service/notify"
 )
 
+// redisToolVars are the variables the tools that talk to Redis read.
+var redisToolVars = []string{"REDIS_URL (default redis://127.0.0.1:6379), or REDIS_CLUSTER_NODES, or REDIS_SENTINEL_ADDRS + REDIS_SENTINEL_MASTER",
+	"REDIS_USERNAME, REDIS_PASSWORD, REDIS_TLS (cluster/Sentinel)", "REDIS_PUBSUB_MODE (sharded: SPUBLISH)", "REDIS_CHANNEL_PREFIX (default ws)"}
+
 // publish sends one notification to a user's channel.
 func publish(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("publish",
 		"Publish {\"event\":E,\"data\":D} (or --raw JSON as is) to the user's channel <REDIS_CHANNEL_PREFIX>:<user>,\n"+
 			"kept in the user's history with an id (notify/publish.lua) unless --no-history.\n"+
 			"Prints the number of gateway instances subscribed to that channel (not WebSockets) and the id.",
-		[]string{"REDIS_URL (default redis://127.0.0.1:6379), or REDIS_CLUSTER_NODES, or REDIS_SENTINEL_ADDRS + REDIS_SENTINEL_MASTER",
-			"REDIS_USERNAME, REDIS_PASSWORD, REDIS_TLS (cluster/Sentinel)", "REDIS_PUBSUB_MODE (sharded: SPUBLISH)", "REDIS_CHANNEL_PREFIX (default ws)"}, stderr)
+		redisToolVars, stderr)
 	user := fs.String("user", "", "user id (the token's sub)")
 	event := fs.String("event", "", "event name, e.g. batch_phase_concluded")
 	data := fs.String("data", "{}", "event data, a JSON value")
@@ -113,8 +116,7 @@ func disconnect(ctx context.Context, args []string, getenv func(string) string, 
 		"Close every socket of a user on every gateway instance with 4004 REVOKED (notify/disconnect.lua);\n"+
 			"with --revoke, also refuse the user's tokens issued up to now (iat <= now, or no iat) for --revoke-for.\n"+
 			"Prints the number of gateway instances that held the user, and the revocation time (unix seconds, 0 without --revoke).",
-		[]string{"REDIS_URL (default redis://127.0.0.1:6379), or REDIS_CLUSTER_NODES, or REDIS_SENTINEL_ADDRS + REDIS_SENTINEL_MASTER",
-			"REDIS_USERNAME, REDIS_PASSWORD, REDIS_TLS (cluster/Sentinel)", "REDIS_PUBSUB_MODE (sharded: SPUBLISH)", "REDIS_CHANNEL_PREFIX (default ws)"}, stderr)
+		redisToolVars, stderr)
 	user := fs.String("user", "", "user id (the token's sub)")
 	reason := fs.String("reason", "", "shown to the client in the close reason (cut to fit 123 bytes)")
 	revoke := fs.Bool("revoke", false, "also refuse the user's tokens issued up to now")

@@ -109,6 +109,11 @@ func sessionOf(c *websocket.Conn) *session {
 func (s *session) attach(c *websocket.Conn) {
 	s.conn = c
 	c.SetSession(s)
+	s.start()
+}
+
+// start lets the writer write: the connection (socket or stream) is set.
+func (s *session) start() {
 	s.mu.Lock()
 	s.attached = true
 	sched := s.needScheduleLocked()

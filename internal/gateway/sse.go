@@ -3,7 +3,9 @@ package gateway
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -206,7 +208,7 @@ func (g *Gateway) serveSSE(w http.ResponseWriter, r *http.Request) {
 		g.log.Debug("event stream transfer failed", "error", err)
 		return
 	}
-	s.attachStream()
+	s.start()
 	g.m.ConnectionsOpened.WithLabelValues(metrics.TransportSSE).Inc()
 	g.lastOpen.Store(time.Now().UnixNano())
 }
@@ -235,17 +237,6 @@ func sanitizeHeader(v string) string {
 		}
 		return r
 	}, v)
-}
-
-// attachStream starts writing what was queued for a stream.
-func (s *session) attachStream() {
-	s.mu.Lock()
-	s.attached = true
-	sched := s.needScheduleLocked()
-	s.mu.Unlock()
-	if sched {
-		s.writer.schedule(s)
-	}
 }
 
 // closeStream writes the last event and closes the connection: at once when
@@ -295,6 +286,4 @@ func (g *Gateway) onStreamClose(s *session, err error) {
 	g.remove(s)
 }
 
-func isEOF(err error) bool {
-	return err != nil && (err.Error() == "EOF" || strings.Contains(err.Error(), "use of closed"))
-}
+func isEOF(err error) bool { return errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) }
