@@ -314,6 +314,9 @@ func TestBinaryServesAndDrainsOnSIGTERM(t *testing.T) {
 
 // ---- compose ----------------------------------------------------------
 
+// interpolation matches a compose ${VAR...} reference.
+var interpolation = regexp.MustCompile(`\$\{[A-Z_]+(:?[?-][^}]*)?\}`)
+
 type composeFile struct {
 	Name         string                    `json:"name"`
 	XGateway     map[string]any            `json:"x-gateway"`
@@ -401,7 +404,8 @@ func TestCompose(t *testing.T) {
 		}
 		env := map[string]string{}
 		for k, v := range svc.Environment {
-			env[k] = strings.NewReplacer("${JWT_SECRET_KEY:?set JWT_SECRET_KEY (at least 32 bytes), e.g. $(openssl rand -hex 32)}", strongSecret).Replace(v)
+			// ${VAR:?message}: compose refuses to start without it; the test sets it.
+			env[k] = interpolation.ReplaceAllString(v, strongSecret)
 		}
 		c := loadEnv(t, "compose service "+name, env)
 		grace, err := time.ParseDuration(svc.StopGracePeriod)
