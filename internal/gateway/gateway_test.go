@@ -294,7 +294,7 @@ func TestHealthEndpoints(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if !strings.Contains(string(body), "websocket_connections_active 1") {
+	if !strings.Contains(string(body), `websocket_connections_active{transport="websocket"} 1`) {
 		t.Fatalf("/metrics lacks active connections:\n%.500s", body)
 	}
 	st.redis.Kill()
