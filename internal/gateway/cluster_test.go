@@ -273,6 +273,21 @@ func TestSentinelFailover(t *testing.T) {
 		}
 	}
 	t.Logf("sentinel failover: delivery gap %s from SIGKILL of the master", gap.Round(time.Millisecond))
+
+	// Disconnect and revoke through Sentinel, on the promoted master.
+	res, err := notify.NewDisconnecter(pub, "ws", false).Disconnect(context.Background(), "s1",
+		notify.DisconnectOptions{Reason: "sentinel", Revoke: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "s1 closed", func() bool { return readers[1].err() != nil })
+	if code, ec, _ := closeOf(readers[1]); code != 4004 || ec != "REVOKED" {
+		t.Fatalf("s1: %d %s (%v)", code, ec, readers[1].err())
+	}
+	expectRefused(t, st, "s1", mintIAT(t, "s1", time.Unix(res.RevokedAt, 0)), 1008, "AUTHENTICATION_ERROR", "revoked")
+	if readers[2].err() != nil {
+		t.Fatalf("bystander closed: %v", readers[2].err())
+	}
 }
 
 // shardedPublish publishes with SPUBLISH, retrying while the cluster is
