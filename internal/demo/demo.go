@@ -38,12 +38,12 @@ func Handler(o Options) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /demo", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
-		w.Header().Set("Cache-Control", "no-store")
+		w.Header().Set("Cache-Control", "no-cache") // revalidate; no-store would keep the page out of the back/forward cache
 		w.Write(page)
 	})
 	mux.HandleFunc("GET /demo/client.js", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/javascript; charset=utf-8")
-		w.Header().Set("Cache-Control", "no-store")
+		w.Header().Set("Cache-Control", "no-cache") // revalidate; no-store would keep the page out of the back/forward cache
 		w.Write(websocketclient.Module)
 	})
 	mux.HandleFunc("POST /demo/token", func(w http.ResponseWriter, r *http.Request) {

@@ -225,3 +225,37 @@ test("the client falls back to Server-Sent Events behind a proxy that refuses We
     await proxy.close();
   }
 });
+
+test("pagehide closes the socket so the page enters the back/forward cache; pageshow reconnects", { skip }, async () => {
+  // Playwright turns the back/forward cache off by default: a launch of its own with it on.
+  const bf = await chromium.launch({ executablePath, headless: true, args: flags, ignoreDefaultArgs: ["--disable-back-forward-cache"], timeout: 60000 });
+  const own = await startService(redis, { JWT_SECRET_KEY: "" });
+  const active = async () => {
+    const text = await (await fetch(`${own.http}/metrics`)).text();
+    return Number(/websocket_connections_active\{transport="websocket"\} (\d+)/.exec(text)?.[1]);
+  };
+  try {
+    const page = await (await bf.newContext()).newPage();
+    page.setDefaultTimeout(30000);
+    await page.goto(`${own.http}/demo`);
+    await page.evaluate(async () => {
+      const { NotificationClient } = await import("/demo/client.js");
+      const getToken = async () => (await (await fetch("/demo/token", { method: "POST", body: JSON.stringify({ user: "bfcache" }) })).json()).token;
+      window.shows = [];
+      addEventListener("pageshow", (e) => window.shows.push(e.persisted));
+      window.c = new NotificationClient({ url: location.origin, userId: "bfcache", getToken });
+      window.c.connect();
+    });
+    await waitFor(() => page.evaluate(() => window.c.state === "open"), "open");
+    assert.equal(await active(), 1);
+    await page.goto(`${own.http}/healthz`);
+    await waitFor(async () => (await active()) === 0, "socket closed on pagehide");
+    await page.goBack({ waitUntil: "commit" });
+    await waitFor(() => page.evaluate(() => window.shows?.includes(true)), "restored from the back/forward cache");
+    await waitFor(() => page.evaluate(() => window.c.state === "open"), "reconnected on pageshow");
+    await waitFor(async () => (await active()) === 1, "socket open again");
+  } finally {
+    await bf.close();
+    await own.stop();
+  }
+});
