@@ -22,6 +22,10 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m,
 		goleak.IgnoreTopFunction("github.com/lesismal/nbio/taskpool.New.func3"),
 		goleak.IgnoreAnyFunction("github.com/lesismal/nbio/timer.(*Timer).Start.func1"),
+		// rueidis delays the redial of a broken connection in a goroutine of
+		// its own (about a second) that no Close waits for; the gateway and
+		// broker packages ignore it for the same reason.
+		goleak.IgnoreAnyFunction("github.com/redis/rueidis.(*call).DelayDo.func1"),
 	)
 }
 
