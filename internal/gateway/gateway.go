@@ -121,7 +121,7 @@ func New(opts Options, h *hub.Hub, b broker.Broker, auth *jwtauth.Validator, m *
 				s.onWritten(n)
 			}
 		case *sseConn:
-			v.s.onWritten(n)
+			v.s.Load().onWritten(n)
 		}
 	})
 	if err := g.engine.Start(); err != nil {

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/lesismal/nbio"
@@ -197,7 +198,9 @@ func (g *Gateway) serveSSE(w http.ResponseWriter, r *http.Request) {
 	nbc, err := nbio.NBConn(conn)
 	if err == nil {
 		s.stream = nbc
-		nbc.SetSession(&sseConn{s: s})
+		sc := &sseConn{}
+		sc.s.Store(s) // publishes s to the engine's close goroutine (see sseConn)
+		nbc.SetSession(sc)
 		nbc.OnData(func(*nbio.Conn, []byte) {}) // a stream's client has nothing to say
 		err = g.engine.AddTransferredConn(nbc)
 	}
@@ -262,12 +265,17 @@ func (s *session) closeStream(r *closeReason) {
 }
 
 // sseConn is a stream's session as nbio sees it: nbhttp's engine reports
-// the connection's close through CloseAndClean.
-type sseConn struct{ s *session }
+// the connection's close through CloseAndClean, on a goroutine that found
+// the connection through epoll, which gives no happens-before edge with
+// the handler that built the session. The atomic pointer is that edge.
+type sseConn struct{ s atomic.Pointer[session] }
 
-func (c *sseConn) UnderlayerConn() net.Conn { return c.s.stream }
+func (c *sseConn) UnderlayerConn() net.Conn { return c.s.Load().stream }
 func (c *sseConn) Parse([]byte) error       { return nil }
-func (c *sseConn) CloseAndClean(err error)  { c.s.gw.onStreamClose(c.s, err) }
+func (c *sseConn) CloseAndClean(err error) {
+	s := c.s.Load()
+	s.gw.onStreamClose(s, err)
+}
 
 // onStreamClose runs once per stream handed to the engine, whoever closed it.
 func (g *Gateway) onStreamClose(s *session, err error) {
