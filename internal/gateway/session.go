@@ -92,10 +92,15 @@ func newSession(gw *Gateway, id jwtauth.Identity, revokedAt int64) *session {
 
 // sessionOf returns the session of an nbio connection. A frame can be parsed
 // in the instant between the upgrade response and attach; wait for it.
+// Once it is set, it is read again under the connection's mutex, which
+// attach's SetSession released: that orders everything the handler wrote
+// into the session before this poller goroutine reads it (the poller found
+// the connection through epoll, which orders nothing).
 func sessionOf(c *websocket.Conn) *session {
 	deadline := time.Now().Add(time.Second)
 	for {
-		if s, ok := c.Session().(*session); ok {
+		if c.Session() != nil {
+			s, _ := c.SessionWithLock().(*session)
 			return s
 		}
 		if time.Now().After(deadline) {
