@@ -56,7 +56,7 @@ export interface ClientOptions {
   stableAfterMs?: number;
   /** Send an app-level ping after this long without a frame (default 25,000 ms). */
   idleMs?: number;
-  /** Reconnect when the ping is not answered within this (default 10,000 ms). */
+  /** Reconnect when no pong answers the ping within this (default 10,000 ms; other frames do not count). */
   pongTimeoutMs?: number;
   /** How often liveness and token expiry are checked (default 5,000 ms). */
   checkMs?: number;

@@ -318,8 +318,10 @@ export class NotificationClient {
   }
 
   #onFrame(data) {
+    // Any frame shows the path worked, so no ping is needed for a while; only
+    // the pong answers an outstanding ping: a frame read after a wake-up may
+    // have waited in a buffer since before the connection died.
     this.#lastRx = Date.now();
-    this.#pingSentAt = 0;
     let msg;
     try {
       msg = JSON.parse(typeof data === "string" ? data : String(data));
@@ -329,6 +331,7 @@ export class NotificationClient {
     if (!msg || typeof msg !== "object") return;
     switch (msg.event) {
       case "pong":
+        this.#pingSentAt = 0;
         return;
       case "token.refreshed":
         this.#refreshing = false;

@@ -207,3 +207,30 @@ test("on() returns a function that removes the listener", async () => {
   c.dispose();
   assert.equal(a, 0);
 });
+
+test("only a pong answers the ping: other frames arriving meanwhile do not keep a dead connection", async () => {
+  const pings = [0, 0, 0];
+  const srv = await scripted((ws, n) => {
+    ws.on("message", (m) => {
+      if (JSON.parse(String(m)).type !== "ping") return;
+      pings[n]++;
+      // The first connection answers with something else (as if frames sent
+      // before it died were read only now); the second answers properly.
+      ws.send(n === 1 ? JSON.stringify({ event: "late", data: {} }) : JSON.stringify({ event: "pong", data: {} }));
+    });
+  });
+  const late = [];
+  const c = new NotificationClient({ url: srv.url, WebSocket, userId: "u", getToken: () => mint("u"), idleMs: 100, pongTimeoutMs: 150, checkMs: 20, minDelayMs: 1, maxDelayMs: 1 });
+  c.on("notification", (n) => late.push(n.event));
+  c.connect();
+  try {
+    await waitFor(() => srv.seen.length === 2, "a reconnect after the unanswered ping");
+    assert.equal(pings[1], 1, "one ping on the first connection, then the verdict");
+    assert.ok(late.includes("late"), "the frame still reaches the app");
+    // A second ping on one connection means the first was answered: a pong counts.
+    await waitFor(() => pings[2] >= 2, "a second ping on the answered connection");
+    assert.equal(srv.seen.length, 2);
+  } finally {
+    c.dispose();
+  }
+});
