@@ -1,19 +1,43 @@
 package gateway
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
+	"sync"
+	"sync/atomic"
 
 	"github.com/lesismal/nbio/logging"
 )
 
-// RouteEngineLogs sends nbio's log lines (a process-wide setting of that
-// library) to l: debug and info become debug, so a healthy engine is quiet.
-func RouteEngineLogs(l *slog.Logger) { logging.SetLogger(nbioLogger{l.With("component", "nbio")}) }
+// engineLogs is where nbio's log lines go. nbio's logger is a process-wide
+// variable that its goroutines read without synchronisation, so it is set
+// once to an adapter, and the adapter's target is an atomic pointer: a
+// second service in the same process (tests run several) only swaps the
+// target, and no engine goroutine reads a logger while it is being built.
+var engineLogs struct {
+	once sync.Once
+	to   atomic.Pointer[slog.Logger]
+}
 
-type nbioLogger struct{ l *slog.Logger }
+// RouteEngineLogs sends nbio's log lines to l: debug and info become debug,
+// so a healthy engine is quiet.
+func RouteEngineLogs(l *slog.Logger) {
+	engineLogs.to.Store(l.With("component", "nbio"))
+	engineLogs.once.Do(func() { logging.SetLogger(nbioLogger{}) })
+}
 
-func (n nbioLogger) Debug(f string, v ...any) { n.l.Debug(fmt.Sprintf(f, v...)) }
-func (n nbioLogger) Info(f string, v ...any)  { n.l.Debug(fmt.Sprintf(f, v...)) }
-func (n nbioLogger) Warn(f string, v ...any)  { n.l.Warn(fmt.Sprintf(f, v...)) }
-func (n nbioLogger) Error(f string, v ...any) { n.l.Error(fmt.Sprintf(f, v...)) }
+type nbioLogger struct{}
+
+func (nbioLogger) Debug(f string, v ...any) { engineLog(slog.LevelDebug, f, v) }
+func (nbioLogger) Info(f string, v ...any)  { engineLog(slog.LevelDebug, f, v) }
+func (nbioLogger) Warn(f string, v ...any)  { engineLog(slog.LevelWarn, f, v) }
+func (nbioLogger) Error(f string, v ...any) { engineLog(slog.LevelError, f, v) }
+
+func engineLog(level slog.Level, f string, v []any) {
+	l := engineLogs.to.Load()
+	if !l.Enabled(context.Background(), level) {
+		return
+	}
+	l.Log(context.Background(), level, fmt.Sprintf(f, v...))
+}
