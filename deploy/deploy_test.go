@@ -312,6 +312,48 @@ func TestBinaryServesAndDrainsOnSIGTERM(t *testing.T) {
 	}
 }
 
+// TestSIGTERMFailsReadinessFirst: with SHUTDOWN_READINESS_DELAY, SIGTERM
+// turns /readyz to 503 while the listener keeps answering (a load balancer
+// health-checking /readyz sees the instance fail and stops routing to it),
+// then the listener closes and the process exits 0 within SHUTDOWN_TIMEOUT.
+func TestSIGTERMFailsReadinessFirst(t *testing.T) {
+	s := startService(t, "SHUTDOWN_READINESS_DELAY=8s", "SHUTDOWN_TIMEOUT=60s")
+	waitStatus(t, s.url+"/readyz", 200)
+	if err := s.proc.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	// Within the delay: 503 "draining" from the still-open listener.
+	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 5 * time.Second}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := c.Get(s.url + "/readyz")
+		if err != nil {
+			t.Fatalf("/readyz after SIGTERM: %v (the listener closed before readiness was seen failing)\n%s", err, s.logs)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == 503 && strings.Contains(string(body), "draining") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz still %d after SIGTERM", resp.StatusCode)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// Then the listener closes and the process exits cleanly.
+	select {
+	case <-s.proc.Done():
+		if code := s.proc.ExitCode(); code != 0 {
+			t.Fatalf("exit code %d after SIGTERM\n%s", code, s.logs)
+		}
+	case <-time.After(90 * time.Second):
+		t.Fatal("no exit within SHUTDOWN_TIMEOUT after SIGTERM")
+	}
+	if !strings.Contains(s.logs.String(), "readiness_delay") {
+		t.Errorf("no log line of the readiness delay:\n%s", s.logs)
+	}
+}
+
 // ---- compose ----------------------------------------------------------
 
 // interpolation matches a compose ${VAR...} reference.

@@ -32,8 +32,10 @@ func allVariables() []string {
 	return out
 }
 
-// serve runs the gateway until ctx ends, then shuts down in order: stop
-// accepting, close every client with 1001, close the broker.
+// serve runs the gateway until ctx ends, then shuts down in order, all
+// within SHUTDOWN_TIMEOUT: /readyz 503 (for SHUTDOWN_READINESS_DELAY with
+// the listener still open), stop accepting, close every client with 1001,
+// close the broker.
 func serve(ctx context.Context, args []string, getenv func(string) string, stderr io.Writer) error {
 	fs := newFlagSet("serve", "Run the gateway: WebSocket endpoint /ws/v1/status/{client_id} and /ws, health and metrics.", allVariables(), stderr)
 	if err := fs.Parse(args); err != nil {
@@ -161,6 +163,18 @@ func serve(ctx context.Context, args []string, getenv func(string) string, stder
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
 	defer cancel()
 	gw.Drain()
+	if d := cfg.ShutdownReadinessDelay; d > 0 {
+		// /readyz answers 503 while the listener stays open, so that load
+		// balancers health-checking it stop routing here before connections
+		// are refused. Part of SHUTDOWN_TIMEOUT (config keeps it shorter).
+		log.Info("readiness failing before the listener closes", "readiness_delay", d.String())
+		wait := time.NewTimer(d)
+		select {
+		case <-wait.C:
+		case <-sctx.Done():
+		}
+		wait.Stop()
+	}
 	if err := srv.Shutdown(sctx); err != nil {
 		log.Warn("http shutdown", "error", err)
 	}

@@ -74,7 +74,12 @@ type Config struct {
 	LogFormat       string // json or text
 	Environment     string
 	ShutdownTimeout time.Duration
-	PprofAddr       string // PPROF_ADDR: loopback address for net/http/pprof, "" = off
+	// ShutdownReadinessDelay (SHUTDOWN_READINESS_DELAY) is how long /readyz
+	// answers 503 on SIGTERM before the listener closes, so that load
+	// balancers health-checking it stop routing here first; part of
+	// ShutdownTimeout, not added to it.
+	ShutdownReadinessDelay time.Duration
+	PprofAddr              string // PPROF_ADDR: loopback address for net/http/pprof, "" = off
 }
 
 // Addr is the listen address.
@@ -133,6 +138,7 @@ var Variables = []Variable{
 	{"LOG_FORMAT", "json", "json or text"},
 	{"ENVIRONMENT", "development", "development or production"},
 	{"SHUTDOWN_TIMEOUT", "10s", "bound on graceful shutdown"},
+	{"SHUTDOWN_READINESS_DELAY", "0s", "on SIGTERM, /readyz answers 503 for this long before the listener closes (within SHUTDOWN_TIMEOUT)"},
 	{"PPROF_ADDR", "unset (off)", "loopback host:port serving net/http/pprof"},
 }
 
@@ -140,42 +146,46 @@ var Variables = []Variable{
 func Load(getenv func(string) string) (Config, error) {
 	p := parser{getenv: getenv}
 	c := Config{
-		Host:            p.str("WEBSOCKET_HOST", "0.0.0.0"),
-		Port:            p.intRange("WEBSOCKET_PORT", 8080, 1, 65535),
-		JWKSRefresh:     p.duration("JWT_JWKS_REFRESH_INTERVAL", time.Hour, true),
-		JWTAudience:     p.str("JWT_AUDIENCE", ""),
-		JWTIssuer:       p.str("JWT_ISSUER", ""),
-		RedisURL:        p.redisURL("REDIS_URL"),
-		ChannelPrefix:   p.str("REDIS_CHANNEL_PREFIX", "ws"),
-		ClusterNodes:    p.addrList("REDIS_CLUSTER_NODES"),
-		SentinelAddrs:   p.addrList("REDIS_SENTINEL_ADDRS"),
-		SentinelMaster:  p.str("REDIS_SENTINEL_MASTER", ""),
-		RedisUsername:   p.str("REDIS_USERNAME", ""),
-		RedisPassword:   getenv("REDIS_PASSWORD"),
-		RedisTLS:        p.boolean("REDIS_TLS"),
-		PubSubMode:      p.oneOf("REDIS_PUBSUB_MODE", "classic", "classic", "sharded"),
-		ProbeInterval:   p.duration("REDIS_PUBSUB_PROBE_INTERVAL", 5*time.Second, true),
-		ProbeTimeout:    p.duration("REDIS_PUBSUB_PROBE_TIMEOUT", 3*time.Second, true),
-		MaxConnsPerUser: p.intRange("WEBSOCKET_MAX_CONNECTIONS_PER_USER", 5, 1, 1<<20),
-		MaxConns:        p.intRange("WEBSOCKET_MAX_CONNECTIONS", 0, 0, 1<<30),
-		MaxHandshakes:   p.intRange("WEBSOCKET_MAX_PENDING_HANDSHAKES", 1024, 1, 1<<20),
-		PingInterval:    p.duration("WEBSOCKET_PING_INTERVAL", 30*time.Second, true),
-		IdleTimeout:     p.duration("WEBSOCKET_IDLE_TIMEOUT", 90*time.Second, true),
-		SendQueueMsgs:   p.intRange("WEBSOCKET_SEND_QUEUE_MESSAGES", 256, 1, 1<<20),
-		SendQueueBytes:  p.intRange("WEBSOCKET_SEND_QUEUE_BYTES", 1<<20, 1024, 1<<30),
-		MaxMessageBytes: p.intRange("WEBSOCKET_MAX_MESSAGE_BYTES", 65536, 1, 1<<30),
-		RateLimit:       p.positiveFloat("WEBSOCKET_RATE_LIMIT", 10),
-		RateBurst:       p.intRange("WEBSOCKET_RATE_BURST", 20, 1, 1<<20),
-		CORSOrigins:     p.list("CORS_ORIGINS"),
-		LogLevel:        p.level("LOG_LEVEL"),
-		LogFormat:       p.oneOf("LOG_FORMAT", "json", "json", "text"),
-		Environment:     p.oneOf("ENVIRONMENT", Development, Development, Production),
-		ShutdownTimeout: p.duration("SHUTDOWN_TIMEOUT", 10*time.Second, true),
-		PprofAddr:       p.loopbackAddr("PPROF_ADDR"),
+		Host:                   p.str("WEBSOCKET_HOST", "0.0.0.0"),
+		Port:                   p.intRange("WEBSOCKET_PORT", 8080, 1, 65535),
+		JWKSRefresh:            p.duration("JWT_JWKS_REFRESH_INTERVAL", time.Hour, true),
+		JWTAudience:            p.str("JWT_AUDIENCE", ""),
+		JWTIssuer:              p.str("JWT_ISSUER", ""),
+		RedisURL:               p.redisURL("REDIS_URL"),
+		ChannelPrefix:          p.str("REDIS_CHANNEL_PREFIX", "ws"),
+		ClusterNodes:           p.addrList("REDIS_CLUSTER_NODES"),
+		SentinelAddrs:          p.addrList("REDIS_SENTINEL_ADDRS"),
+		SentinelMaster:         p.str("REDIS_SENTINEL_MASTER", ""),
+		RedisUsername:          p.str("REDIS_USERNAME", ""),
+		RedisPassword:          getenv("REDIS_PASSWORD"),
+		RedisTLS:               p.boolean("REDIS_TLS"),
+		PubSubMode:             p.oneOf("REDIS_PUBSUB_MODE", "classic", "classic", "sharded"),
+		ProbeInterval:          p.duration("REDIS_PUBSUB_PROBE_INTERVAL", 5*time.Second, true),
+		ProbeTimeout:           p.duration("REDIS_PUBSUB_PROBE_TIMEOUT", 3*time.Second, true),
+		MaxConnsPerUser:        p.intRange("WEBSOCKET_MAX_CONNECTIONS_PER_USER", 5, 1, 1<<20),
+		MaxConns:               p.intRange("WEBSOCKET_MAX_CONNECTIONS", 0, 0, 1<<30),
+		MaxHandshakes:          p.intRange("WEBSOCKET_MAX_PENDING_HANDSHAKES", 1024, 1, 1<<20),
+		PingInterval:           p.duration("WEBSOCKET_PING_INTERVAL", 30*time.Second, true),
+		IdleTimeout:            p.duration("WEBSOCKET_IDLE_TIMEOUT", 90*time.Second, true),
+		SendQueueMsgs:          p.intRange("WEBSOCKET_SEND_QUEUE_MESSAGES", 256, 1, 1<<20),
+		SendQueueBytes:         p.intRange("WEBSOCKET_SEND_QUEUE_BYTES", 1<<20, 1024, 1<<30),
+		MaxMessageBytes:        p.intRange("WEBSOCKET_MAX_MESSAGE_BYTES", 65536, 1, 1<<30),
+		RateLimit:              p.positiveFloat("WEBSOCKET_RATE_LIMIT", 10),
+		RateBurst:              p.intRange("WEBSOCKET_RATE_BURST", 20, 1, 1<<20),
+		CORSOrigins:            p.list("CORS_ORIGINS"),
+		LogLevel:               p.level("LOG_LEVEL"),
+		LogFormat:              p.oneOf("LOG_FORMAT", "json", "json", "text"),
+		Environment:            p.oneOf("ENVIRONMENT", Development, Development, Production),
+		ShutdownTimeout:        p.duration("SHUTDOWN_TIMEOUT", 10*time.Second, true),
+		ShutdownReadinessDelay: p.duration("SHUTDOWN_READINESS_DELAY", 0, false),
+		PprofAddr:              p.loopbackAddr("PPROF_ADDR"),
 	}
 	p.jwt(&c)
 	if c.IdleTimeout > 0 && c.PingInterval >= c.IdleTimeout {
 		p.fail("WEBSOCKET_PING_INTERVAL", getenv("WEBSOCKET_PING_INTERVAL"), "a duration shorter than WEBSOCKET_IDLE_TIMEOUT")
+	}
+	if c.ShutdownReadinessDelay >= c.ShutdownTimeout {
+		p.fail("SHUTDOWN_READINESS_DELAY", getenv("SHUTDOWN_READINESS_DELAY"), "a duration shorter than SHUTDOWN_TIMEOUT ("+c.ShutdownTimeout.String()+"), which bounds the whole shutdown")
 	}
 	if strings.ContainsAny(c.ChannelPrefix, " \r\n") {
 		p.fail("REDIS_CHANNEL_PREFIX", c.ChannelPrefix, "a prefix without spaces or newlines")

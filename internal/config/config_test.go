@@ -75,6 +75,24 @@ func TestPingMustBeShorterThanIdle(t *testing.T) {
 	}
 }
 
+// SHUTDOWN_READINESS_DELAY is part of the shutdown, not added to it: it
+// must leave SHUTDOWN_TIMEOUT time to close the connections.
+func TestReadinessDelayWithinShutdownTimeout(t *testing.T) {
+	c, err := Load(env("SHUTDOWN_READINESS_DELAY", "5s", "SHUTDOWN_TIMEOUT", "20s"))
+	if err != nil || c.ShutdownReadinessDelay != 5*time.Second {
+		t.Fatalf("delay %s, %v", c.ShutdownReadinessDelay, err)
+	}
+	if c, _ := Load(env()); c.ShutdownReadinessDelay != 0 {
+		t.Errorf("default delay %s, want 0 (Kubernetes' preStop does the waiting)", c.ShutdownReadinessDelay)
+	}
+	for _, v := range []string{"20s", "30s", "-1s", "soon"} {
+		_, err := Load(env("SHUTDOWN_READINESS_DELAY", v, "SHUTDOWN_TIMEOUT", "20s"))
+		if err == nil || !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "SHUTDOWN_READINESS_DELAY") {
+			t.Errorf("SHUTDOWN_READINESS_DELAY=%s with SHUTDOWN_TIMEOUT=20s: %v", v, err)
+		}
+	}
+}
+
 func TestProductionRequirements(t *testing.T) {
 	strong := strings.Repeat("k", 32)
 	for name, e := range map[string]func(string) string{
