@@ -35,6 +35,7 @@ import (
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 
 	"github.com/huleedu/websocket-service/internal/config"
@@ -44,11 +45,22 @@ import (
 
 const strongSecret = "deploy-test-secret-deploy-test-secret-0123"
 
-// variables are the names of the README's configuration table.
+// variables are the names of the README's configuration table: the
+// service's own (config.Variables) and the Go runtime's (GOGC, GOMEMLIMIT)
+// it documents there.
 func variables() map[string]bool {
 	out := map[string]bool{}
 	for _, v := range config.Variables {
 		out[v.Name] = true
+	}
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		panic(err)
+	}
+	_, table, _ := strings.Cut(string(readme), "\n## Configuration\n")
+	table, _, _ = strings.Cut(table, "\n## ")
+	for _, m := range regexp.MustCompile("(?m)^\\| `([A-Z_]+)`").FindAllStringSubmatch(table, -1) {
+		out[m[1]] = true
 	}
 	return out
 }
@@ -151,6 +163,36 @@ func TestDockerfile(t *testing.T) {
 	if len(froms) < 2 {
 		t.Fatalf("want a multi-stage build, got FROM %v", froms)
 	}
+	// Base images: ARGs declared before the first FROM, pinned by digest or
+	// marked UNPINNED with the pinning procedure beside them.
+	args := map[string]string{}
+	for _, in := range ins {
+		if in.cmd == "FROM" {
+			break
+		}
+		if in.cmd == "ARG" {
+			k, v, _ := strings.Cut(in.args, "=")
+			args[k] = v
+		}
+	}
+	text := string(read(t, "Dockerfile"))
+	for i, from := range froms {
+		fields := strings.Fields(from)
+		if i == 0 && fields[0] != "--platform=$BUILDPLATFORM" {
+			t.Errorf("build stage FROM %s: want --platform=$BUILDPLATFORM (cross-compile, no emulation)", from)
+		}
+		if strings.HasPrefix(fields[0], "--platform") {
+			fields = fields[1:]
+		}
+		image := fields[0]
+		if strings.HasPrefix(image, "${") {
+			image = args[strings.Trim(image, "${}")]
+		}
+		if !strings.Contains(image, "@sha256:") && !(strings.Contains(text, "UNPINNED") && strings.Contains(text, "imagetools inspect "+image)) {
+			t.Errorf("FROM %s (%s): neither pinned by digest nor marked UNPINNED with its pinning command", from, image)
+		}
+		froms[i] = image
+	}
 	if last := froms[len(froms)-1]; !strings.HasPrefix(last, "scratch") && !strings.Contains(last, "distroless") {
 		t.Errorf("final image %q: want scratch or distroless", last)
 	}
@@ -175,7 +217,7 @@ func TestDockerfile(t *testing.T) {
 			build = in.args
 		}
 	}
-	for _, want := range []string{"CGO_ENABLED=0", "-trimpath", "main.version=${VERSION}"} {
+	for _, want := range []string{"CGO_ENABLED=0", "GOOS=${TARGETOS}", "GOARCH=${TARGETARCH}", "-trimpath", "main.version=${VERSION}"} {
 		if !strings.Contains(build, want) {
 			t.Errorf("build line lacks %s: %s", want, build)
 		}
@@ -364,6 +406,7 @@ type composeFile struct {
 	XGateway     map[string]any            `json:"x-gateway"`
 	XEnvironment map[string]any            `json:"x-environment"`
 	Services     map[string]composeService `json:"services"`
+	Volumes      map[string]any            `json:"volumes"`
 	Networks     map[string]struct {
 		IPAM struct {
 			Config []struct {
@@ -381,6 +424,8 @@ type composeService struct {
 	StopSignal      string                                `json:"stop_signal"`
 	StopGracePeriod string                                `json:"stop_grace_period"`
 	ReadOnly        bool                                  `json:"read_only"`
+	MemLimit        string                                `json:"mem_limit"`
+	Volumes         []string                              `json:"volumes"`
 	Ulimits         map[string]struct{ Soft, Hard int }   `json:"ulimits"`
 	Healthcheck     *struct{ Disable bool }               `json:"healthcheck"`
 	Ports           []string                              `json:"ports"`
@@ -454,8 +499,47 @@ func TestCompose(t *testing.T) {
 		if err != nil || grace <= c.ShutdownTimeout {
 			t.Errorf("%s: stop_grace_period %q must exceed SHUTDOWN_TIMEOUT %s", name, svc.StopGracePeriod, c.ShutdownTimeout)
 		}
+		checkGOMEMLIMIT(t, "compose service "+name, svc.Environment["GOMEMLIMIT"], composeBytes(t, svc.MemLimit), c.MaxConns)
 		if svc.StopSignal != "SIGTERM" || !svc.ReadOnly || svc.Ulimits["nofile"].Soft < 65536 {
 			t.Errorf("%s: stop_signal %q, read_only %v, nofile %d", name, svc.StopSignal, svc.ReadOnly, svc.Ulimits["nofile"].Soft)
+		}
+	}
+	if !bytes.Contains(raw, []byte("Needs Docker Compose v2")) {
+		t.Error("compose.yaml does not say it needs Compose v2")
+	}
+	var nodes []string // addresses of the cluster profile's Redis nodes
+	for name, svc := range f.Services {
+		if svc.Restart == "" {
+			t.Errorf("%s has no restart policy", name)
+		}
+		if len(svc.Command) == 0 || svc.Command[0] != "redis-server" {
+			continue
+		}
+		// Persistence: the history survives a restart (README, retention).
+		cmd := strings.Join(svc.Command, " ")
+		if !strings.Contains(cmd, "--appendonly yes") || !slices.ContainsFunc(svc.Volumes, func(v string) bool { return strings.HasSuffix(v, ":/data") }) {
+			t.Errorf("%s: %q with volumes %v: want AOF (--appendonly yes) on a volume at /data", name, cmd, svc.Volumes)
+		}
+		if strings.HasPrefix(name, "redis-node-") {
+			var n struct {
+				Cluster struct {
+					IPv4 string `json:"ipv4_address"`
+				} `json:"cluster"`
+			}
+			if err := json.Unmarshal(svc.Networks, &n); err != nil {
+				t.Fatal(err)
+			}
+			nodes = append(nodes, n.Cluster.IPv4)
+		}
+	}
+	if create := strings.Join(f.Services["redis-cluster-create"].Command, " "); len(nodes) != 6 {
+		t.Errorf("%d cluster nodes, want 6", len(nodes))
+	} else {
+		wait, _, _ := strings.Cut(create, "cluster info")
+		for _, ip := range nodes {
+			if !strings.Contains(wait, ip) {
+				t.Errorf("redis-cluster-create does not wait for %s before creating the cluster", ip)
+			}
 		}
 	}
 	if gateways != 4 {
@@ -464,6 +548,18 @@ func TestCompose(t *testing.T) {
 	if got := f.Services["websocket-service"].Ports; !slices.Equal(got, []string{"8081:8080"}) {
 		t.Errorf("websocket-service ports %v, want 8081:8080 like the service it replaces", got)
 	}
+}
+
+// composeBytes parses a compose byte value (512m, 1g, 1048576b).
+func composeBytes(t *testing.T, v string) int64 {
+	t.Helper()
+	m := regexp.MustCompile(`^([0-9]+)([bkmg]?)$`).FindStringSubmatch(strings.ToLower(v))
+	if m == nil {
+		t.Errorf("mem_limit %q: want a byte value such as 512m", v)
+		return 0
+	}
+	n, _ := strconv.ParseInt(m[1], 10, 64)
+	return n << map[string]int{"": 0, "b": 0, "k": 10, "m": 20, "g": 30}[m[2]]
 }
 
 // ---- Kubernetes -------------------------------------------------------
@@ -475,12 +571,31 @@ type kustomization struct {
 		Pairs            map[string]string `json:"pairs"`
 		IncludeSelectors bool              `json:"includeSelectors"`
 	} `json:"labels"`
-	Resources          []string `json:"resources"`
-	ConfigMapGenerator []struct {
-		Name string   `json:"name"`
-		Envs []string `json:"envs"`
-	} `json:"configMapGenerator"`
+	Resources []string `json:"resources"`
+	Images    []struct {
+		Name    string `json:"name"`
+		NewName string `json:"newName"`
+		NewTag  string `json:"newTag"`
+		Digest  string `json:"digest"`
+	} `json:"images"`
+	ConfigMapGenerator []generator `json:"configMapGenerator"`
+	SecretGenerator    []generator `json:"secretGenerator"`
 }
+
+type generator struct {
+	Name string   `json:"name"`
+	Envs []string `json:"envs"`
+}
+
+// Sizing figures (docs/operations.md, "Sizing the pods"): per connection,
+// RSS (GOGC=25, rounded up from the measured 1.65-2.3 KiB) and the kernel's
+// socket memory, which cgroup v2 charges to the container; and the
+// process's base.
+const (
+	rssPerConn    = 2.5 * 1024
+	kernelPerConn = 3 * 1024
+	baseRSS       = 32 << 20
+)
 
 func TestKubernetes(t *testing.T) {
 	var k kustomization
@@ -522,6 +637,50 @@ func TestKubernetes(t *testing.T) {
 		t.Fatal("kustomization lacks a Deployment, Service, PodDisruptionBudget or HorizontalPodAutoscaler")
 	}
 
+	// The image: a registry and a tag of the operator's, never a bare
+	// local name (ImagePullBackOff) or latest.
+	var image *struct{ Name, NewName, NewTag, Digest string }
+	for i := range k.Images {
+		if k.Images[i].Name == "websocket-service" {
+			im := k.Images[i]
+			image = &struct{ Name, NewName, NewTag, Digest string }{im.Name, im.NewName, im.NewTag, im.Digest}
+		}
+	}
+	if image == nil {
+		t.Error("kustomization has no images: entry for websocket-service: the pods would pull websocket-service from Docker Hub")
+	} else if host, _, ok := strings.Cut(image.NewName, "/"); !ok || !strings.ContainsAny(host, ".:") || (image.NewTag == "" && image.Digest == "") || image.NewTag == "latest" {
+		t.Errorf("images: %+v: want newName with a registry host and a pinned tag or digest", *image)
+	}
+	if !strings.Contains(string(read(t, "../docs/operations.md")), "kustomize edit set image websocket-service=") {
+		t.Error("docs/operations.md does not say how to set the image")
+	}
+
+	// The Secret: generated from secret.env (git-ignored; the apply fails
+	// loudly without it), whose example names every key the pods read.
+	secrets := map[string]bool{}
+	for _, g := range k.SecretGenerator {
+		secrets[g.Name] = true
+		for _, f := range g.Envs {
+			if !strings.Contains(string(read(t, "../.gitignore")), "/deploy/k8s/"+f) {
+				t.Errorf("%s is not git-ignored", f)
+			}
+			read(t, filepath.Join("k8s", f+".example"))
+		}
+	}
+
+	// Placeholders an operator must change are marked.
+	cm := string(read(t, "k8s/configmap.env"))
+	for _, key := range []string{"REDIS_URL", "CORS_ORIGINS"} {
+		before, _, _ := strings.Cut(cm, "\n"+key+"=")
+		lines := strings.Split(before, "\n")
+		for len(lines) > 0 && strings.HasPrefix(lines[len(lines)-1], "# ") && !strings.HasPrefix(lines[len(lines)-1], "# PLACEHOLDER") {
+			lines = lines[:len(lines)-1]
+		}
+		if len(lines) == 0 || !strings.HasPrefix(lines[len(lines)-1], "# PLACEHOLDER") {
+			t.Errorf("configmap.env: %s is not called out as a PLACEHOLDER", key)
+		}
+	}
+
 	// The environment: the generated ConfigMap plus the Secret's key.
 	env := map[string]string{}
 	for _, g := range k.ConfigMapGenerator {
@@ -540,6 +699,15 @@ func TestKubernetes(t *testing.T) {
 	c := pod.Containers[0]
 	for _, e := range c.Env {
 		if e.ValueFrom != nil && e.ValueFrom.SecretKeyRef != nil {
+			ref := e.ValueFrom.SecretKeyRef
+			if !secrets[ref.Name] {
+				t.Errorf("env %s reads Secret %q, which the kustomization does not generate: pods would sit in CreateContainerConfigError", e.Name, ref.Name)
+			}
+			for _, g := range k.SecretGenerator {
+				if g.Name == ref.Name && !strings.Contains(string(read(t, filepath.Join("k8s", g.Envs[0]+".example"))), "\n"+ref.Key+"=") {
+					t.Errorf("%s.example lacks %s", g.Envs[0], ref.Key)
+				}
+			}
 			env[e.Name] = strongSecret
 		} else {
 			env[e.Name] = e.Value
@@ -549,6 +717,40 @@ func TestKubernetes(t *testing.T) {
 		t.Errorf("container envFrom %+v does not use the generated ConfigMap", c.EnvFrom)
 	}
 	cfg := loadEnv(t, "the Deployment", env)
+
+	// Replicas belong to the HPA; a rollout waits for connections to settle.
+	if dep.Spec.Replicas != nil {
+		t.Errorf("Deployment sets replicas: %d beside an HPA: every apply resets the count and drops the clients of removed pods", *dep.Spec.Replicas)
+	}
+	if dep.Spec.MinReadySeconds < 10 {
+		t.Errorf("minReadySeconds %d: a rollout would not let connections settle between pods", dep.Spec.MinReadySeconds)
+	}
+	if p := c.ReadinessProbe; p != nil && (p.FailureThreshold < 2 || p.TimeoutSeconds < 2) {
+		t.Errorf("readiness probe fails on one slow answer (failureThreshold %d, timeoutSeconds %d)", p.FailureThreshold, p.TimeoutSeconds)
+	}
+
+	// Memory: requested for WEBSOCKET_MAX_CONNECTIONS, GOMEMLIMIT derived
+	// from the limit, and no HPA memory target that scales out (and never
+	// back in) before a pod holds its planned connections.
+	if cfg.MaxConns == 0 {
+		t.Fatal("WEBSOCKET_MAX_CONNECTIONS unset: the pods cannot be sized")
+	}
+	need := float64(cfg.MaxConns)*(rssPerConn+kernelPerConn) + baseRSS
+	request, limit := c.Resources.Requests.Memory().Value(), c.Resources.Limits.Memory().Value()
+	if float64(request) < need || request > limit {
+		t.Errorf("memory request %d B for %d connections: want %.0f B (%.1f KiB each + base) to the limit %d B", request, cfg.MaxConns, need, (rssPerConn+kernelPerConn)/1024, limit)
+	}
+	checkGOMEMLIMIT(t, "the Deployment", env["GOMEMLIMIT"], limit, cfg.MaxConns)
+	for _, m := range hpa.Spec.Metrics {
+		if m.Resource == nil || m.Resource.Name != corev1.ResourceMemory || m.Resource.Target.AverageUtilization == nil {
+			continue
+		}
+		at := float64(*m.Resource.Target.AverageUtilization) / 100 * float64(request)
+		if conns := (at - baseRSS) / (rssPerConn + kernelPerConn); conns < float64(cfg.MaxConns) {
+			t.Errorf("HPA memory target %d%% of %d B scales out at ~%.0f connections per pod, below WEBSOCKET_MAX_CONNECTIONS %d (and memory does not fall after a scale-out)",
+				*m.Resource.Target.AverageUtilization, request, conns, cfg.MaxConns)
+		}
+	}
 
 	if len(c.Ports) != 1 || c.Ports[0].ContainerPort != 8080 || c.Ports[0].Name != "http" {
 		t.Errorf("container ports %+v: want http 8080", c.Ports)
@@ -601,6 +803,94 @@ func TestKubernetes(t *testing.T) {
 	}
 	if pdb.Spec.MaxUnavailable == nil {
 		t.Error("PodDisruptionBudget without maxUnavailable")
+	}
+}
+
+// checkGOMEMLIMIT: Go's soft limit leaves the kernel's socket memory and
+// a margin under the container's limit, and the live heap room.
+func checkGOMEMLIMIT(t *testing.T, where, v string, limit int64, maxConns int) {
+	t.Helper()
+	units := map[string]float64{"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+	m := regexp.MustCompile(`^([0-9]+)(B|KiB|MiB|GiB)$`).FindStringSubmatch(v)
+	if m == nil {
+		t.Errorf("%s: GOMEMLIMIT %q: want a size such as 300MiB derived from the memory limit", where, v)
+		return
+	}
+	n, _ := strconv.ParseFloat(m[1], 64)
+	got := n * units[m[2]]
+	hi := 0.9*float64(limit) - float64(maxConns)*kernelPerConn
+	lo := float64(maxConns)*rssPerConn + baseRSS
+	if got > hi || got < lo {
+		t.Errorf("%s: GOMEMLIMIT %s: want %.0f-%.0f MiB (0.9 x limit %d MiB - kernel socket memory of %d connections; at least their RSS)",
+			where, v, lo/(1<<20), hi/(1<<20), limit>>20, maxConns)
+	}
+}
+
+// TestPrometheusOperator: the PodMonitor scrapes the pods as the alerts
+// expect (job="websocket-service", port http, /metrics), and the
+// PrometheusRule carries exactly the rules of alerts.yaml.
+func TestPrometheusOperator(t *testing.T) {
+	var k struct {
+		APIVersion string   `json:"apiVersion"`
+		Kind       string   `json:"kind"`
+		Resources  []string `json:"resources"`
+	}
+	strict(t, read(t, "k8s/monitoring/kustomization.yaml"), &k)
+	var pm struct {
+		APIVersion string            `json:"apiVersion"`
+		Kind       string            `json:"kind"`
+		Metadata   metav1.ObjectMeta `json:"metadata"`
+		Spec       struct {
+			JobLabel            string               `json:"jobLabel"`
+			Selector            metav1.LabelSelector `json:"selector"`
+			PodMetricsEndpoints []struct {
+				Port     string `json:"port"`
+				Path     string `json:"path"`
+				Interval string `json:"interval"`
+			} `json:"podMetricsEndpoints"`
+		} `json:"spec"`
+	}
+	var pr struct {
+		APIVersion string            `json:"apiVersion"`
+		Kind       string            `json:"kind"`
+		Metadata   metav1.ObjectMeta `json:"metadata"`
+		Spec       json.RawMessage   `json:"spec"`
+	}
+	if !slices.Equal(k.Resources, []string{"podmonitor.yaml", "prometheusrule.yaml"}) {
+		t.Fatalf("monitoring resources %v", k.Resources)
+	}
+	strict(t, read(t, "k8s/monitoring/podmonitor.yaml"), &pm)
+	strict(t, read(t, "k8s/monitoring/prometheusrule.yaml"), &pr)
+	if pm.Kind != "PodMonitor" || pm.APIVersion != "monitoring.coreos.com/v1" || pr.Kind != "PrometheusRule" || pr.APIVersion != "monitoring.coreos.com/v1" {
+		t.Fatalf("kinds %s %s, %s %s", pm.APIVersion, pm.Kind, pr.APIVersion, pr.Kind)
+	}
+	var dep appsv1.Deployment
+	if err := yaml.Unmarshal(read(t, "k8s/deployment.yaml"), &dep); err != nil {
+		t.Fatal(err)
+	}
+	pod := dep.Spec.Template.Labels
+	for key, v := range pm.Spec.Selector.MatchLabels {
+		if pod[key] != v {
+			t.Errorf("PodMonitor selects %s=%s, which the pods do not carry", key, v)
+		}
+	}
+	if pod[pm.Spec.JobLabel] != "websocket-service" {
+		t.Errorf("PodMonitor jobLabel %q: the job would not be websocket-service, which the alerts on up select", pm.Spec.JobLabel)
+	}
+	if e := pm.Spec.PodMetricsEndpoints; len(e) != 1 || e[0].Port != "http" || e[0].Path != "/metrics" {
+		t.Errorf("PodMonitor endpoints %+v: want port http, path /metrics", e)
+	}
+	var rulesFile, ruleSpec any
+	if err := yaml.Unmarshal(read(t, "prometheus/alerts.yaml"), &rulesFile); err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(pr.Spec, &ruleSpec); err != nil {
+		t.Fatal(err)
+	}
+	a, _ := json.Marshal(rulesFile)
+	b, _ := json.Marshal(ruleSpec)
+	if !bytes.Equal(a, b) {
+		t.Error("k8s/monitoring/prometheusrule.yaml's spec differs from prometheus/alerts.yaml: regenerate it (its header)")
 	}
 }
 
