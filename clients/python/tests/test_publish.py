@@ -211,3 +211,13 @@ def test_same_api_both_ways() -> None:
         if callable(f) and not n.startswith("_") and n != "channel":
             assert inspect.iscoroutinefunction(f), n
             assert not inspect.iscoroutinefunction(vars(SyncPublisher)[n]), n
+
+
+async def test_size_limit_configurable(make_pub: PublisherFactory, raw: Any) -> None:
+    u, big = user(), "x" * 70000
+    with pytest.raises(ValueError, match="exceeds max_payload_bytes=65536"):
+        await do(make_pub().publish(u, "e", big))
+    assert raw.exists("{ws:" + u + "}:h") == 0
+    p = await do(make_pub(max_payload_bytes=None).publish(u, "e", big))
+    q = await do(make_pub(max_payload_bytes=200000).publish(u, "e", big))
+    assert [n["id"] for n in history(raw, "ws:" + u)] == [p.id, q.id]

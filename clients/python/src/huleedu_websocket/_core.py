@@ -127,7 +127,7 @@ class Options:
     history_len: int
     history_age_ms: int
     history_meta_ttl_ms: int
-    max_payload_bytes: int
+    max_payload_bytes: int | None
     json_default: Callable[[Any], Any] | None
 
     @staticmethod
@@ -137,16 +137,16 @@ class Options:
         history_len: int,
         history_age: float | timedelta,
         history_meta_ttl: float | timedelta,
-        max_payload_bytes: int,
+        max_payload_bytes: int | None,
         json_default: Callable[[Any], Any] | None,
     ) -> Options:
         if not isinstance(prefix, str) or not prefix:
             raise ValueError("prefix must be a non-empty string (the gateway's REDIS_CHANNEL_PREFIX, default 'ws')")
         if isinstance(history_len, bool) or not isinstance(history_len, int) or history_len < 1:
             raise ValueError(f"history_len must be a positive int, got {history_len!r}")
-        if isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int):
-            raise TypeError("max_payload_bytes must be an int")
-        if max_payload_bytes <= ID_RESERVE_BYTES:
+        if max_payload_bytes is not None and (isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int)):
+            raise TypeError("max_payload_bytes must be an int, or None for no limit")
+        if max_payload_bytes is not None and max_payload_bytes <= ID_RESERVE_BYTES:
             raise ValueError(f"max_payload_bytes must exceed {ID_RESERVE_BYTES} (room for the id), got {max_payload_bytes}")
         age = milliseconds(history_age, "history_age")
         meta = milliseconds(history_meta_ttl, "history_meta_ttl")
@@ -250,7 +250,7 @@ def _json_kind(v: Any) -> str:
 
 
 def check_size(payload: bytes, opts: Options) -> bytes:
-    if len(payload) + ID_RESERVE_BYTES > opts.max_payload_bytes:
+    if opts.max_payload_bytes is not None and len(payload) + ID_RESERVE_BYTES > opts.max_payload_bytes:
         raise ValueError(
             f"notification is {len(payload)} bytes: with the id it exceeds max_payload_bytes={opts.max_payload_bytes} "
             "(the gateway's WEBSOCKET_MAX_MESSAGE_BYTES), and the gateway would drop it"
@@ -259,7 +259,10 @@ def check_size(payload: bytes, opts: Options) -> bytes:
 
 
 def publish_call(user_id: object, payload: bytes, idempotency_key: object, opts: Options) -> tuple[list[str], list[str | bytes]]:
-    """publish.lua's KEYS and ARGV, exactly as notify.HistoryPublisher passes them."""
+    """publish.lua's KEYS and ARGV, exactly as notify.HistoryPublisher passes
+    them. ARGV[7], the size limit with the id (0: none), is checked by
+    publish.lua versions that read it and ignored by those that do not; the
+    check above already refused anything that could exceed it."""
     ch = channel(opts.prefix, check_user(user_id))
     key = check_idempotency_key(idempotency_key)
     keys = [history_key(ch), meta_key(ch)]
@@ -272,6 +275,7 @@ def publish_call(user_id: object, payload: bytes, idempotency_key: object, opts:
         str(opts.history_age_ms),
         str(opts.history_meta_ttl_ms),
         "1" if opts.sharded else "0",
+        str(opts.max_payload_bytes or 0),
     ]
     return keys, args
 
@@ -372,7 +376,9 @@ def teacher_notification(event: object, opts: Options) -> tuple[str, str, dict[s
         correlation_id=ev.get("correlation_id"),
         timestamp=ev.get("timestamp"),
     )
-    canonical = _dumps(ev, opts.json_default, "event")
-    canonical = json.dumps(json.loads(canonical), sort_keys=True, separators=(",", ":")).encode("utf-8")
-    key = "teacher-notification:" + hashlib.sha256(canonical).hexdigest()[:32]
+    try:
+        canonical = json.dumps(ev, sort_keys=True, separators=(",", ":"), default=opts.json_default)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"event is not JSON-serialisable: {e}") from e
+    key = "teacher-notification:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
     return teacher_id, notification_type, data, key

@@ -43,7 +43,8 @@ class Publisher:
     running with REDIS_PUBSUB_MODE=sharded (the script then uses SPUBLISH).
     history_len / history_age are the retention (history_age also bounds how
     long an idempotency key is remembered); durations are timedeltas or
-    seconds. max_payload_bytes is the gateway's WEBSOCKET_MAX_MESSAGE_BYTES.
+    seconds. max_payload_bytes is the gateway's WEBSOCKET_MAX_MESSAGE_BYTES
+    (None: no limit).
     json_default is passed to json.dumps for values it cannot encode."""
 
     def __init__(
@@ -55,7 +56,7 @@ class Publisher:
         history_len: int = DEFAULT_HISTORY_LEN,
         history_age: float | timedelta = DEFAULT_HISTORY_AGE,
         history_meta_ttl: float | timedelta = DEFAULT_HISTORY_META_TTL,
-        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
         json_default: Callable[[Any], Any] | None = None,
     ) -> None:
         self._client = client
