@@ -79,7 +79,7 @@ func TestPythonClient(t *testing.T) {
 	}
 
 	t.Run("mypy", func(t *testing.T) {
-		run(t, env, vpy, "-m", "mypy", "--strict", "--cache-dir", filepath.Join(tmp, "mypy-cache"), "src/huleedu_websocket", "tests")
+		run(t, env, vpy, "-m", "mypy", "--strict", "--cache-dir", filepath.Join(tmp, "mypy-cache"), "src/huleedu_websocket", "tests", "bench")
 	})
 	t.Run("pytest", func(t *testing.T) {
 		standalone := redistest.Start(t)
