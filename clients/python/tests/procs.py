@@ -164,7 +164,7 @@ class SSE:
     body: bytes = b""
     lines: list[str] = field(default_factory=list)
 
-    async def next(self, timeout: float = 15.0) -> Event:
+    async def next(self, timeout: float = 30.0) -> Event:
         return await asyncio.wait_for(self._next(), timeout)
 
     async def _next(self) -> Event:
@@ -208,11 +208,11 @@ async def open_sse(gw: Gateway, user: str, token: str, last_event_id: str | None
         head += f"Last-Event-ID: {last_event_id}\r\n"
     writer.write((head + "\r\n").encode())
     await writer.drain()
-    status_line = (await asyncio.wait_for(reader.readline(), 15)).decode()
+    status_line = (await asyncio.wait_for(reader.readline(), 30)).decode()
     status = int(status_line.split()[1])
     headers: dict[str, str] = {}
     while True:
-        line = (await asyncio.wait_for(reader.readline(), 15)).decode().rstrip("\r\n")
+        line = (await asyncio.wait_for(reader.readline(), 30)).decode().rstrip("\r\n")
         if not line:
             break
         k, _, v = line.partition(":")
@@ -220,5 +220,5 @@ async def open_sse(gw: Gateway, user: str, token: str, last_event_id: str | None
     s = SSE(reader, writer, status, headers)
     if status != 200:
         n = int(headers.get("content-length", "0"))
-        s.body = await asyncio.wait_for(reader.readexactly(n), 15) if n else b""
+        s.body = await asyncio.wait_for(reader.readexactly(n), 30) if n else b""
     return s

@@ -27,14 +27,14 @@ class WS:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
 
-    async def next(self, timeout: float = 15.0) -> dict[str, Any]:
+    async def next(self, timeout: float = 30.0) -> dict[str, Any]:
         import asyncio
 
         doc = json.loads(await asyncio.wait_for(self.conn.recv(), timeout))
         assert isinstance(doc, dict)
         return doc
 
-    async def closed_with(self, timeout: float = 15.0) -> tuple[int | None, str]:
+    async def closed_with(self, timeout: float = 30.0) -> tuple[int | None, str]:
         """Reads until the server closes; returns the close code and reason."""
         import asyncio
 
@@ -53,7 +53,7 @@ async def open_ws() -> AsyncIterator[Any]:
         url = f"{gw.ws}/ws/v1/status/{u}"
         if since is not None:
             url += "?since=" + since
-        conn = await websockets.client.connect(url, extra_headers={"Authorization": "Bearer " + token}, open_timeout=15)
+        conn = await websockets.client.connect(url, extra_headers={"Authorization": "Bearer " + token}, open_timeout=30)
         opened.append(conn)
         return WS(conn)
 
