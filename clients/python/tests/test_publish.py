@@ -82,12 +82,12 @@ async def test_idempotency_key_makes_a_retry_a_noop(make_pub: PublisherFactory, 
 
 
 async def test_retention_options(make_pub: PublisherFactory, raw: Any) -> None:
-    pub, u = make_pub(history_len=2, history_age=timedelta(seconds=7), history_meta_ttl=60), user()
+    pub, u = make_pub(history_len=2, history_age=timedelta(seconds=60), history_meta_ttl=600), user()
     ids = [(await do(pub.publish(u, "e", {"i": i}, idempotency_key=f"k{i}"))).id for i in range(3)]
     assert [n["id"] for n in history(raw, "ws:" + u)] == ids[1:]
-    assert 0 < raw.pttl("{ws:" + u + "}:h") <= 7000
-    assert 7000 < raw.pttl("{ws:" + u + "}:m") <= 60000
-    assert 0 < raw.pttl("{ws:" + u + "}:i:k0") <= 7000
+    assert 0 < raw.pttl("{ws:" + u + "}:h") <= 60000
+    assert 60000 < raw.pttl("{ws:" + u + "}:m") <= 600000
+    assert 0 < raw.pttl("{ws:" + u + "}:i:k0") <= 60000
 
 
 async def test_channel_prefix(make_pub: PublisherFactory, raw: Any) -> None:
@@ -128,7 +128,7 @@ async def test_disconnect_and_revoke(make_pub: PublisherFactory, raw: Any) -> No
     pub, u = make_pub(), user()
     now = int(raw.time()[0])
     d = await do(pub.disconnect_user(u, "account disabled", revoke=True, revoke_for=timedelta(minutes=1)))
-    assert now <= d.revoked_at <= now + 5 and d.receivers == 0
+    assert now <= d.revoked_at <= now + 60 and d.receivers == 0
     assert int(raw.get("{ws:" + u + "}:r")) == d.revoked_at
     assert 0 < raw.pttl("{ws:" + u + "}:r") <= 60000
     plain = await do(pub.disconnect_user(u, "just close"))
