@@ -88,6 +88,7 @@ func TestPythonClient(t *testing.T) {
 		penv := append(env,
 			"WSS_BIN="+bin,
 			"PYWS_REQUIRE_ALL=1",
+			"PYWS_EXPECT_INSTALLED=1",
 			"PYWS_REDIS_URL="+standalone.URL(),
 			"PYWS_CLUSTER_NODES="+strings.Join(cluster.Addrs(), ","),
 			"PYWS_SENTINEL_ADDRS="+strings.Join(sentinel.Addrs(), ","),

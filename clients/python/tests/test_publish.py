@@ -221,3 +221,16 @@ async def test_size_limit_configurable(make_pub: PublisherFactory, raw: Any) -> 
     p = await do(make_pub(max_payload_bytes=None).publish(u, "e", big))
     q = await do(make_pub(max_payload_bytes=200000).publish(u, "e", big))
     assert [n["id"] for n in history(raw, "ws:" + u)] == [p.id, q.id]
+
+
+def test_the_installed_package_is_under_test() -> None:
+    """Under the Go harness the tests import the package pip installed (so its
+    Lua files travel as package data), not src/."""
+    import os
+
+    import huleedu_websocket
+
+    if os.environ.get("PYWS_EXPECT_INSTALLED") != "1":
+        pytest.skip("PYWS_EXPECT_INSTALLED is not set (the Go harness sets it)")
+    assert "site-packages" in huleedu_websocket.__file__, huleedu_websocket.__file__
+    assert PUBLISH_SCRIPT.body.startswith(b"-- publish.lua")
