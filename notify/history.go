@@ -44,29 +44,80 @@ func idempotencyKeyName(channel, key string) string { return "{" + channel + "}:
 const EmptyPosition = "0"
 
 // ID is a parsed notification id, "<epoch>-<offset>-<check>".
+//
+// The grammar is narrow on purpose, so that no ordinary id a backend puts in
+// its own payloads ("order-7", "job-7-done") passes for one: the epoch and
+// the check are instants of Redis TIME in microseconds, in lowercase base36
+// without leading zeros, 10 to 12 digits (every date from 1973 to the year
+// 150,000); the offset is a decimal count from 1 without leading zeros; and
+// the check does not precede the epoch by more than MaxClockStep. A position
+// may have an empty check, "<epoch>-<offset>-": the newest offset of a
+// history whose entries expired, where nothing is left to compare. Every id
+// publish.lua has ever made matches.
 type ID struct {
 	Epoch  string
 	Offset int64
-	Check  string
+	Check  string // "" in a position whose entry expired
 }
+
+// MaxClockStep is how far a check may precede its epoch: a failover to a
+// replica whose clock is behind the old master's.
+const MaxClockStep = time.Hour
 
 // String formats the id as it appears on the wire.
 func (id ID) String() string {
 	return id.Epoch + "-" + strconv.FormatInt(id.Offset, 10) + "-" + id.Check
 }
 
-// ParseID parses an id; ok is false for anything publish.lua cannot have made.
+// ParseID parses an id; ok is false for anything publish.lua (or a position
+// the gateway sends) cannot have made. ParseID(id.String()) gives id back.
 func ParseID(s string) (id ID, ok bool) {
 	epoch, rest, ok1 := strings.Cut(s, "-")
 	off, check, ok2 := strings.Cut(rest, "-")
-	if !ok1 || !ok2 || epoch == "" || check == "" || strings.Contains(check, "-") {
+	if !ok1 || !ok2 {
 		return ID{}, false
 	}
-	n, err := strconv.ParseInt(off, 10, 64)
-	if err != nil || n < 1 {
+	e, ok1 := instant(epoch)
+	n, ok2 := offset(off)
+	if !ok1 || !ok2 {
 		return ID{}, false
+	}
+	if check != "" {
+		c, ok := instant(check)
+		if !ok || c < e-MaxClockStep.Microseconds() {
+			return ID{}, false
+		}
 	}
 	return ID{Epoch: epoch, Offset: n, Check: check}, true
+}
+
+// instant decodes an epoch or a check: base36 microseconds as publish.lua
+// spells them.
+func instant(s string) (int64, bool) {
+	if len(s) < 10 || len(s) > 12 || s[0] == '0' {
+		return 0, false
+	}
+	for i := range len(s) {
+		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'z') {
+			return 0, false
+		}
+	}
+	n, err := strconv.ParseInt(s, 36, 64) // 12 digits < 2^63
+	return n, err == nil
+}
+
+// offset decodes an offset: 1 or more, decimal digits only.
+func offset(s string) (int64, bool) {
+	if len(s) == 0 || len(s) > 18 || s[0] < '1' || s[0] > '9' {
+		return 0, false
+	}
+	for i := range len(s) {
+		if s[i] < '0' || s[i] > '9' {
+			return 0, false
+		}
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	return n, err == nil
 }
 
 var idPrefix = []byte(`{"id":"`)
@@ -82,7 +133,8 @@ func PayloadID(payload []byte) (ID, bool) {
 	if end < 0 {
 		return ID{}, false
 	}
-	return ParseID(string(rest[:end]))
+	id, ok := ParseID(string(rest[:end]))
+	return id, ok && id.Check != "" // publish.lua always writes a check
 }
 
 // HistoryOptions are publish.lua's retention arguments.
