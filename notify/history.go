@@ -142,7 +142,14 @@ type HistoryOptions struct {
 	MaxLen  int           // entries kept (DefaultHistoryLen when 0)
 	MaxAge  time.Duration // age kept, and the history's expiry (DefaultHistoryAge when 0)
 	MetaTTL time.Duration // expiry of the epoch and offset (DefaultHistoryMetaTTL when 0)
+	// MaxBytes refuses notifications larger than this, id included: set it
+	// to the gateways' WEBSOCKET_MAX_MESSAGE_BYTES (DefaultMaxBytes, its
+	// default, when 0; negative: no limit).
+	MaxBytes int
 }
+
+// DefaultMaxBytes is the gateway's default WEBSOCKET_MAX_MESSAGE_BYTES.
+const DefaultMaxBytes = 65536
 
 func (o HistoryOptions) withDefaults() HistoryOptions {
 	if o.MaxLen <= 0 {
@@ -154,11 +161,46 @@ func (o HistoryOptions) withDefaults() HistoryOptions {
 	if o.MetaTTL <= 0 {
 		o.MetaTTL = DefaultHistoryMetaTTL
 	}
+	if o.MaxBytes == 0 {
+		o.MaxBytes = DefaultMaxBytes
+	}
 	return o
 }
 
 // ErrNotObject: history publishing needs a JSON object to insert the id into.
 var ErrNotObject = errors.New("notify: payload is not a JSON object")
+
+// ErrReservedID: the payload has a top-level "id" of its own; publish.lua
+// inserts the history id there, and the wire would carry two.
+var ErrReservedID = errors.New(`notify: "id" is reserved at the top level of a notification published with history`)
+
+// ErrTooLarge: the notification with its id would be larger than
+// HistoryOptions.MaxBytes, so the gateway would drop it live and on replay.
+var ErrTooLarge = errors.New("notify: notification larger than the size limit")
+
+// CheckHistoryPayload reports why publish.lua would refuse payload (nil:
+// it would not, as far as can be told before the id is inserted): not
+// valid JSON, not an object, a top-level "id" of its own, or more than
+// maxBytes (<= 0: no limit) already without the id.
+func CheckHistoryPayload(payload []byte, maxBytes int) error {
+	if !json.Valid(payload) {
+		return ErrInvalidPayload
+	}
+	if t := bytes.TrimLeft(payload, " \t\r\n"); len(t) == 0 || t[0] != '{' {
+		return ErrNotObject
+	}
+	var top map[string]json.RawMessage
+	if err := json.Unmarshal(payload, &top); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidPayload, err)
+	}
+	if _, ok := top["id"]; ok {
+		return ErrReservedID
+	}
+	if maxBytes > 0 && len(payload) > maxBytes {
+		return fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, len(payload), maxBytes)
+	}
+	return nil
+}
 
 // HistoryPublisher publishes with publish.lua: every notification is kept
 // in the user's history and carries an id, so a client that reconnects with
@@ -203,11 +245,8 @@ func (p *HistoryPublisher) Publish(ctx context.Context, userID string, payload j
 	if userID == "" {
 		return Published{}, errors.New("notify: empty user id")
 	}
-	if !json.Valid(payload) {
-		return Published{}, ErrInvalidPayload
-	}
-	if t := bytes.TrimLeft(payload, " \t\r\n"); len(t) == 0 || t[0] != '{' {
-		return Published{}, ErrNotObject
+	if err := CheckHistoryPayload(payload, p.opts.MaxBytes); err != nil {
+		return Published{}, err
 	}
 	ch := Channel(p.prefix, userID)
 	keys := []string{HistoryKey(ch), MetaKey(ch)}
@@ -219,9 +258,13 @@ func (p *HistoryPublisher) Publish(ctx context.Context, userID string, payload j
 		sharded = "1"
 	}
 	args := []string{ch, string(payload), strconv.Itoa(p.opts.MaxLen),
-		strconv.FormatInt(p.opts.MaxAge.Milliseconds(), 10), strconv.FormatInt(p.opts.MetaTTL.Milliseconds(), 10), sharded}
+		strconv.FormatInt(p.opts.MaxAge.Milliseconds(), 10), strconv.FormatInt(p.opts.MetaTTL.Milliseconds(), 10), sharded,
+		strconv.Itoa(max(p.opts.MaxBytes, 0))}
 	res, err := p.script.Exec(ctx, p.client, keys, args).ToArray()
 	if err != nil {
+		if strings.Contains(err.Error(), "notification too large") { // the exact size, id included, is known to the script
+			return Published{}, fmt.Errorf("%w: %w", ErrTooLarge, err)
+		}
 		return Published{}, fmt.Errorf("notify: publish with history: %w", err)
 	}
 	if len(res) != 2 {
