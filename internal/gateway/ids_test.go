@@ -1,11 +1,17 @@
 package gateway
 
 import (
+	"context"
 	"encoding/json"
+	"fmt"
 	"net/url"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/huleedu/websocket-service/internal/metrics"
 	"github.com/huleedu/websocket-service/notify"
 )
 
@@ -87,4 +93,55 @@ func (c *client) nextEventAny() map[string]any {
 		c.t.Fatalf("frame %s: %v", msg, err)
 	}
 	return v
+}
+
+// TestReplayDropsWhatLiveDrops: a history entry live delivery drops (larger
+// than WEBSOCKET_MAX_MESSAGE_BYTES, or not JSON: written by an older
+// publish.lua or by hand) is dropped on replay too, counted the same way.
+func TestReplayDropsWhatLiveDrops(t *testing.T) {
+	st := newStack(t, func(c *stackConfig) { c.hub.MaxMessageBytes = 300 })
+	pub := st.historyPublisher()
+	live := st.dialURL(st.wsURL + "/ws/v1/status/val?since=&token=" + st.token("val", time.Hour))
+	live.nextEvent("resume.position")
+	first := publishWithHistory(t, pub, "val", 1)[0]
+	if got := frameID(live.mustNext()); got != first {
+		t.Fatalf("live %q, want %q", got, first)
+	}
+	// Offset 2: not JSON, stored as an older publish.lua (which checked only the leading "{") stored it.
+	id, _ := notify.ParseID(first)
+	bad := notify.ID{Epoch: id.Epoch, Offset: 2, Check: id.Check}
+	badMsg := `{"id":"` + bad.String() + `","event":`
+	if _, err := st.redis.Do("HSET", notify.MetaKey("ws:val"), "o", "2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.redis.Do("RPUSH", notify.HistoryKey("ws:val"), fmt.Sprintf("2|%d|%s|%s", time.Now().UnixMilli(), bad.Check, badMsg)); err != nil {
+		t.Fatal(err)
+	}
+	st.publish("val", badMsg)
+	// Offset 3: over this gateway's 300 bytes (the publisher's limit is the default 64 KiB).
+	if _, err := pub.Publish(context.Background(), "val", json.RawMessage(`{"event":"big","data":"`+strings.Repeat("x", 400)+`"}`), ""); err != nil {
+		t.Fatal(err)
+	}
+	last := publishWithHistory(t, pub, "val", 1)[0]
+	if got := frameID(live.mustNext()); got != last {
+		t.Fatalf("live after two invalid entries: %q, want %q", got, last)
+	}
+	dropped := func() float64 {
+		return testutil.ToFloat64(st.m.MessagesDropped.WithLabelValues(metrics.DropInvalidJSON)) +
+			testutil.ToFloat64(st.m.MessagesDropped.WithLabelValues(metrics.DropTooLarge))
+	}
+	if d := dropped(); d != 2 {
+		t.Fatalf("live drops counted %v, want 2", d)
+	}
+
+	r := st.dialURL(st.wsURL + "/ws/v1/status/val?since=" + url.QueryEscape(first) + "&token=" + st.token("val", time.Hour))
+	if got := r.mustNext(); frameID(got) != last {
+		t.Fatalf("replay sent %.80s…, want only %s (what live delivery sent)", got, last)
+	}
+	if pos := r.nextEventAny(); pos["event"] != "resume.position" || pos["data"].(map[string]any)["id"] != last {
+		t.Fatalf("after the replay %v, want resume.position %s", pos, last)
+	}
+	if d := dropped(); d != 4 {
+		t.Fatalf("drops counted %v after the replay, want 4", d)
+	}
 }

@@ -151,6 +151,7 @@ func (g *Gateway) resume(ctx context.Context, s *session, since string) {
 		rctx, cancel := context.WithTimeout(ctx, historyWait)
 		rep = g.opts.History.Since(rctx, s.user, since)
 		cancel()
+		rep.Entries = g.admitted(rep.Entries)
 	}
 	switch rep.Reason {
 	case "":
@@ -173,6 +174,27 @@ func (g *Gateway) resume(ctx context.Context, s *session, since string) {
 		g.m.Resumes.WithLabelValues(rep.Reason).Inc()
 	}
 	s.finishHold(false, 0, out)
+}
+
+// admitted keeps the history entries live delivery would deliver
+// (hub.Admit: size and JSON, drops counted alike), in order.
+func (g *Gateway) admitted(entries [][]byte) [][]byte {
+	var keep [][]byte // nil until one is dropped: entries as they are
+	for i, e := range entries {
+		if !g.hub.Admit(e) {
+			if keep == nil {
+				keep = append(make([][]byte, 0, len(entries)-1), entries[:i]...)
+			}
+			continue
+		}
+		if keep != nil {
+			keep = append(keep, e)
+		}
+	}
+	if keep == nil {
+		return entries
+	}
+	return keep
 }
 
 // newest reads the newest id of user's history (emptyHistory: none).
@@ -300,6 +322,9 @@ func (g *Gateway) repair(batch []*session) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		results = append(results, g.opts.History.SinceMany(ctx, topics[i:end], since[i:end])...)
 		cancel()
+	}
+	for i := range results {
+		results[i].Entries = g.admitted(results[i].Entries)
 	}
 	now := time.Now()
 	for _, j := range jobs {
