@@ -145,3 +145,59 @@ func TestReplayDropsWhatLiveDrops(t *testing.T) {
 		t.Fatalf("drops counted %v after the replay, want 4", d)
 	}
 }
+
+// TestLiveRollbackIsAnnounced: a failover loses the tail of a history while
+// this instance's pub/sub link stays up, and publish.lua reuses the lost
+// offsets. The connection had received the lost entries: the new ones at
+// their places are other entries, delivered after resume.incomplete
+// (reason rollback), never dropped as already seen. (That a late copy of an
+// entry the connection has is still dropped, the ordering tests show.)
+func TestLiveRollbackIsAnnounced(t *testing.T) {
+	st := newStack(t, nil)
+	pub := st.historyPublisher()
+	for _, sse := range []bool{false, true} {
+		user := fmt.Sprintf("rb-%v", sse)
+		var next func() string
+		if sse {
+			s := st.sse(user, nil)
+			next = func() string { return s.nextData(t).Data }
+		} else {
+			c := st.dialURL(st.wsURL + "/ws/v1/status/" + user + "?since=&token=" + st.token(user, time.Hour))
+			next = c.mustNext
+		}
+		if pos := next(); !strings.Contains(pos, "resume.position") {
+			t.Fatalf("first frame %s, want resume.position", pos)
+		}
+		before := publishWithHistory(t, pub, user, 3)
+		for _, want := range before {
+			if got := frameID(next()); got != want {
+				t.Fatalf("live %q, want %q", got, want)
+			}
+		}
+		// The new master lost entries 2 and 3, then its clock moves on.
+		if _, err := st.redis.Do("HSET", notify.MetaKey("ws:"+user), "o", "1"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := st.redis.Do("LTRIM", notify.HistoryKey("ws:"+user), "0", "0"); err != nil {
+			t.Fatal(err)
+		}
+		after := publishWithHistory(t, pub, user, 2)
+		var ann map[string]any
+		if err := json.Unmarshal([]byte(next()), &ann); err != nil || ann["event"] != "resume.incomplete" {
+			t.Fatalf("after a rollback: %v %v, want resume.incomplete", ann, err)
+		}
+		if d := ann["data"].(map[string]any); d["reason"] != "rollback" || d["since"] != before[2] {
+			t.Fatalf("announcement %v, want reason rollback since %s", d, before[2])
+		}
+		for _, want := range after {
+			if got := frameID(next()); got != want {
+				t.Fatalf("after the rollback %q, want %q", got, want)
+			}
+		}
+		// Then live as usual.
+		more := publishWithHistory(t, pub, user, 1)
+		if got := frameID(next()); got != more[0] {
+			t.Fatalf("then %q, want %q", got, more[0])
+		}
+	}
+}
