@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"net/url"
 	"strings"
 	"testing"
@@ -37,6 +38,11 @@ func TestResumeFromExpiredHistoryPosition(t *testing.T) {
 	first := r.nextEventAny()
 	if first["event"] != "resume.position" || first["data"].(map[string]any)["id"] != pos {
 		t.Fatalf("resume from the emitted position %q: first frame %v, want resume.position %s", pos, first, pos)
+	}
+	// The same position as an event stream's id, sent back as Last-Event-ID.
+	sc := st.sse("idle", http.Header{"Last-Event-ID": {pos}})
+	if ev := sc.nextData(t); ev.ID != pos || !strings.Contains(ev.Data, `"resume.position"`) {
+		t.Fatalf("stream resumed from %q: first event %+v, want resume.position with id %s", pos, ev, pos)
 	}
 	live := publishWithHistory(t, st.historyPublisher(), "idle", 1)
 	if got := frameID(r.mustNext()); got != live[0] {
