@@ -12,6 +12,14 @@
 -- ARGV[4]  retained age at most, in milliseconds (e.g. 300000); also the keys' expiry
 -- ARGV[5]  expiry of the metadata in milliseconds (at least ARGV[4], e.g. 86400000)
 -- ARGV[6]  "1": SPUBLISH (gateways in sharded mode), else PUBLISH
+-- ARGV[7]  optional: the largest notification in bytes, id included (the
+--          gateways' WEBSOCKET_MAX_MESSAGE_BYTES, e.g. 65536); absent or 0:
+--          no limit (callers written for six arguments keep working)
+--
+-- Refused with an error, neither stored nor sent: a notification that is
+-- not a valid JSON object, one with a top-level "id" of its own ("id" is
+-- reserved: the history id goes there), and one larger than ARGV[7]; the
+-- gateway would drop these live, and a replay must not bring them back.
 --
 -- The published JSON is the notification with a first field "id":
 -- "<epoch>-<offset>-<check>". The epoch changes whenever the history is
@@ -35,6 +43,13 @@ local _, brace = string.find(payload, '^%s*{%s*')
 if not brace then
   return redis.error_reply('ERR notification is not a JSON object')
 end
+local valid, doc = pcall(cjson.decode, payload)
+if not valid or type(doc) ~= 'table' then
+  return redis.error_reply('ERR notification is not valid JSON')
+end
+if doc['id'] ~= nil then
+  return redis.error_reply('ERR notification has a top-level "id" of its own: "id" is reserved for the history id')
+end
 
 local t = redis.call('TIME')
 local us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -54,14 +69,11 @@ end
 -- The check is the microsecond of the append: an offset reused after a
 -- failover lost the tail is appended at another instant.
 local check = base36(us)
-local offset = redis.call('HINCRBY', meta, 'o', 1)
-local epoch
-if offset == 1 then
-  -- A new history: its epoch is this microsecond.
-  epoch = check
-  redis.call('DEL', hist)
-  redis.call('HSET', meta, 'e', epoch)
-else
+-- The id is made before anything is written: a refused notification leaves
+-- the history as it was (a script's writes before an error stay).
+local offset = (tonumber(redis.call('HGET', meta, 'o')) or 0) + 1
+local epoch = check -- a new history: its epoch is this microsecond
+if offset > 1 then
   epoch = redis.call('HGET', meta, 'e')
 end
 local id = epoch .. '-' .. offset .. '-' .. check
@@ -71,6 +83,16 @@ if string.sub(rest, 1, 1) == '}' then
   sep = ''
 end
 local msg = '{"id":"' .. id .. '"' .. sep .. rest
+local maxbytes = tonumber(ARGV[7] or '0') or 0
+if maxbytes > 0 and #msg > maxbytes then
+  return redis.error_reply('ERR notification too large: ' .. #msg .. ' bytes with its id, limit ' .. maxbytes)
+end
+if offset == 1 then
+  redis.call('DEL', hist)
+  redis.call('HSET', meta, 'e', epoch, 'o', offset)
+else
+  redis.call('HSET', meta, 'o', offset)
+end
 
 if redis.call('RPUSH', hist, offset .. '|' .. now .. '|' .. check .. '|' .. msg) > maxlen then
   redis.call('LTRIM', hist, -maxlen, -1)

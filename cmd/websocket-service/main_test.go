@@ -16,6 +16,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/huleedu/websocket-service/internal/redistest"
+	"github.com/huleedu/websocket-service/notify"
 )
 
 func TestMain(m *testing.M) {
@@ -333,5 +334,21 @@ func TestDemoOnlyOutsideProduction(t *testing.T) {
 	}
 	if got := status(prod, "GET", "/healthz", ""); got != 200 {
 		t.Errorf("production /healthz: %d", got)
+	}
+}
+
+// TestPublishRefusesReservedID: with history, the CLI refuses a --raw
+// notification with a top-level "id" of its own (publish.lua inserts the
+// history id there) with the reason, and publishes nothing.
+func TestPublishRefusesReservedID(t *testing.T) {
+	redis := redistest.Start(t)
+	env := func(k string) string { return map[string]string{"REDIS_URL": redis.URL()}[k] }
+	var out bytes.Buffer
+	err := run(context.Background(), []string{"publish", "--user", "bob", "--raw", `{"id":"order-7","event":"shipped"}`}, env, &out, &out)
+	if err == nil || !strings.Contains(err.Error(), `"id" is reserved`) {
+		t.Fatalf("publish --raw with its own id: %v (output %q), want a refusal saying \"id\" is reserved", err, out.String())
+	}
+	if n, _ := redis.Do("EXISTS", notify.HistoryKey("ws:bob")); n != "0" {
+		t.Fatalf("the refused notification was stored (EXISTS %s)", n)
 	}
 }

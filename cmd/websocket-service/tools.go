@@ -34,7 +34,7 @@ func publish(ctx context.Context, args []string, getenv func(string) string, std
 	user := fs.String("user", "", "user id (the token's sub)")
 	event := fs.String("event", "", "event name, e.g. batch_phase_concluded")
 	data := fs.String("data", "{}", "event data, a JSON value")
-	raw := fs.String("raw", "", "publish this JSON document as is instead of {event,data}")
+	raw := fs.String("raw", "", "publish this JSON document as is instead of {event,data} (with history: an object without a top-level \"id\", which is reserved for the history id)")
 	noHistory := fs.Bool("no-history", false, "plain PUBLISH: not kept in the user's history, no id, not resumable")
 	idemKey := fs.String("idempotency-key", "", "a retry with the same key within the retention age is neither stored nor sent again")
 	historyLen := fs.Int("history-len", notify.DefaultHistoryLen, "notifications kept per user")
@@ -47,6 +47,12 @@ func publish(ctx context.Context, args []string, getenv func(string) string, std
 		return errors.New("publish needs --user and --event (or --raw)")
 	}
 	payload := []byte(*raw)
+	if *raw != "" && !*noHistory {
+		// Refused before connecting, with the reason: what publish.lua would refuse.
+		if err := notify.CheckHistoryPayload(payload, 0); err != nil {
+			return fmt.Errorf("--raw: %w", err)
+		}
+	}
 	if *raw == "" {
 		if !json.Valid([]byte(*data)) {
 			return fmt.Errorf("--data is not valid JSON")
@@ -62,7 +68,7 @@ func publish(ctx context.Context, args []string, getenv func(string) string, std
 	defer cancel()
 	if !*noHistory {
 		hp := notify.NewHistoryPublisher(client, cfg.ChannelPrefix, cfg.PubSubMode == "sharded",
-			notify.HistoryOptions{MaxLen: *historyLen, MaxAge: *historyAge})
+			notify.HistoryOptions{MaxLen: *historyLen, MaxAge: *historyAge, MaxBytes: cfg.MaxMessageBytes})
 		res, err := hp.Publish(ctx, *user, payload, *idemKey)
 		if err != nil {
 			return err

@@ -480,7 +480,7 @@ func (b *bench) publishCmd(user int, payload string) rueidis.Completed {
 		}
 		return b.redis.B().Evalsha().Sha1(b.historySHA).Numkeys(2).Key(notify.HistoryKey(ch), notify.MetaKey(ch)).
 			Arg(ch, payload, strconv.Itoa(notify.DefaultHistoryLen), strconv.FormatInt(notify.DefaultHistoryAge.Milliseconds(), 10),
-				strconv.FormatInt(notify.DefaultHistoryMetaTTL.Milliseconds(), 10), sharded).Build()
+				strconv.FormatInt(notify.DefaultHistoryMetaTTL.Milliseconds(), 10), sharded, strconv.Itoa(notify.DefaultMaxBytes)).Build()
 	}
 	if b.o.Sharded {
 		return b.redis.B().Spublish().Channel(ch).Message(payload).Build()

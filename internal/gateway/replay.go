@@ -85,13 +85,44 @@ func (s *session) releaseHoldLocked(r *replayOut) bool {
 	return true
 }
 
-// hasLocked reports whether m is a history entry at or before the
-// connection's position: a live copy of something replayed (a history read
-// can finish before pub/sub brings the same message), or something the
-// client had before it reconnected. s.mu is held.
+// hasLocked reports whether m is a history entry the connection already
+// has: a live copy of something replayed (a history read can finish before
+// pub/sub brings the same message), or something the client had before it
+// reconnected. Only the same entry counts: at the connection's position the
+// same check, before it an entry appended earlier (checks are instants). An
+// entry at or before the position that is another one means a failover lost
+// entries the connection had and publish.lua reused their offsets: it is
+// new, and is announced first with resume.incomplete (reason rollback, since
+// the connection's position) so the client refetches. s.mu is held.
 func (s *session) hasLocked(m *hub.Message) bool {
 	last := s.lastID
-	return m.ID != nil && last != nil && m.ID.Offset <= last.Offset && m.ID.Epoch == last.Epoch
+	if m.ID == nil || last == nil || m.ID.Epoch != last.Epoch || m.ID.Offset > last.Offset {
+		return false
+	}
+	if last.Check == "" || m.ID.Check == last.Check || (m.ID.Offset < last.Offset && !checkAfter(m.ID.Check, last.Check)) {
+		return true // the same entry, or one before it ("": a position whose entry expired, nothing to compare)
+	}
+	s.gw.m.Resumes.WithLabelValues(outcomeLiveRollback).Inc()
+	// Queued past the bounds like closeAfterQueue's close: one small frame
+	// per rollback, which must not be lost while the entry it announces is
+	// queued (if that one does not fit, the client is closed and resumes).
+	ann := systemMessage(resumeIncompleteFrame(positionString(last), broker.ReasonRollback))
+	s.queue.push(outbound{msg: ann})
+	s.queueBytes += len(ann.Payload)
+	return false
+}
+
+// outcomeLiveRollback counts, in websocket_resumes_total, the rollbacks
+// announced to open connections.
+const outcomeLiveRollback = "rollback_live"
+
+// checkAfter reports whether check a is a later instant than b (base36
+// without leading zeros: longer is later, else the text order).
+func checkAfter(a, b string) bool {
+	if len(a) != len(b) {
+		return len(a) > len(b)
+	}
+	return a > b
 }
 
 // finishHold releases the hold with r unless the hold is gone or is a newer
@@ -151,6 +182,7 @@ func (g *Gateway) resume(ctx context.Context, s *session, since string) {
 		rctx, cancel := context.WithTimeout(ctx, historyWait)
 		rep = g.opts.History.Since(rctx, s.user, since)
 		cancel()
+		rep.Entries = g.admitted(rep.Entries)
 	}
 	switch rep.Reason {
 	case "":
@@ -173,6 +205,27 @@ func (g *Gateway) resume(ctx context.Context, s *session, since string) {
 		g.m.Resumes.WithLabelValues(rep.Reason).Inc()
 	}
 	s.finishHold(false, 0, out)
+}
+
+// admitted keeps the history entries live delivery would deliver
+// (hub.Admit: size and JSON, drops counted alike), in order.
+func (g *Gateway) admitted(entries [][]byte) [][]byte {
+	var keep [][]byte // nil until one is dropped: entries as they are
+	for i, e := range entries {
+		if !g.hub.Admit(e) {
+			if keep == nil {
+				keep = append(make([][]byte, 0, len(entries)-1), entries[:i]...)
+			}
+			continue
+		}
+		if keep != nil {
+			keep = append(keep, e)
+		}
+	}
+	if keep == nil {
+		return entries
+	}
+	return keep
 }
 
 // newest reads the newest id of user's history (emptyHistory: none).
@@ -300,6 +353,9 @@ func (g *Gateway) repair(batch []*session) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		results = append(results, g.opts.History.SinceMany(ctx, topics[i:end], since[i:end])...)
 		cancel()
+	}
+	for i := range results {
+		results[i].Entries = g.admitted(results[i].Entries)
 	}
 	now := time.Now()
 	for _, j := range jobs {

@@ -206,14 +206,7 @@ func (h *Hub) HandleMessage(user string, payload []byte) {
 		return
 	}
 	h.m.MessagesReceived.Inc()
-	switch {
-	case len(payload) > h.opts.MaxMessageBytes:
-		h.dropTooLarge.Inc()
-		h.log.Warn("dropped oversized message from redis", "bytes", len(payload), "limit", h.opts.MaxMessageBytes)
-		return
-	case !json.Valid(payload):
-		h.dropInvalid.Inc()
-		h.log.Warn("dropped non-JSON message from redis", "bytes", len(payload))
+	if !h.Admit(payload) {
 		return
 	}
 	msg := &Message{Payload: payload, Frame: payload, ReceivedAt: time.Now()}
@@ -233,6 +226,24 @@ func (h *Hub) HandleMessage(user string, payload []byte) {
 	if len(conns) == 0 {
 		h.dropNoConn.Inc()
 	}
+}
+
+// Admit reports whether a notification may be delivered: at most
+// MaxMessageBytes and valid JSON. It counts and logs each one it refuses.
+// Live messages and entries replayed from history pass the same check, so a
+// replay never brings back what live delivery dropped.
+func (h *Hub) Admit(payload []byte) bool {
+	switch {
+	case len(payload) > h.opts.MaxMessageBytes:
+		h.dropTooLarge.Inc()
+		h.log.Warn("dropped oversized message from redis", "bytes", len(payload), "limit", h.opts.MaxMessageBytes)
+		return false
+	case !json.Valid(payload):
+		h.dropInvalid.Inc()
+		h.log.Warn("dropped non-JSON message from redis", "bytes", len(payload))
+		return false
+	}
+	return true
 }
 
 // control carries out a control message (notify.Disconnect) for the user's

@@ -3,6 +3,7 @@ export type State = "connecting" | "open" | "degraded" | "reconnecting" | "close
 
 /** A notification as published: the envelope {event, data}, plus id when it was published with history. */
 export interface Notification<D = unknown> {
+  /** The history (resume) id when published with history (see historyId); a plain PUBLISH's own "id" is left as it came. */
   id?: string;
   event: string;
   data: D;
@@ -116,6 +117,9 @@ export declare class NotificationClient {
 }
 
 /** Reads a JWT's exp (milliseconds) without verifying it. */
+/** The resume id of a frame's text as the gateway reads it: the history id opening it ({"id":"…), else undefined. */
+export declare function historyId(text: string): string | undefined;
+
 export declare function tokenExpiry(token: string): number | undefined;
 
 /** The reconnect delay for attempt n (0-based): full jitter under a ceiling capped at maxDelayMs. */

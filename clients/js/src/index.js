@@ -41,6 +41,29 @@ export function backoffDelay(attempt, minDelayMs, maxDelayMs, random = Math.rand
   return Math.round(random() * ceiling);
 }
 
+// A history id: "<epoch>-<offset>-<check>", epoch and check base36
+// microseconds (10-12 digits, no leading zero), the check at most an hour
+// before the epoch (notify.ParseID).
+const HISTORY_ID = /^([1-9a-z][0-9a-z]{9,11})-[1-9][0-9]{0,17}-([1-9a-z][0-9a-z]{9,11})$/;
+const MAX_CLOCK_STEP_US = 3600e6;
+
+/**
+ * The resume id of a frame, read exactly as the gateway reads it
+ * (notify.PayloadID): the string opening the frame, {"id":"…", when it has
+ * the history id grammar. Not JSON.parse's id (the last "id" key wins there),
+ * and not a plain PUBLISH's own "id" ("order-7", "job-7-done").
+ */
+export function historyId(text) {
+  const open = '{"id":"';
+  if (typeof text !== "string" || !text.startsWith(open)) return undefined;
+  const end = text.indexOf('"', open.length);
+  if (end < 0) return undefined;
+  const id = text.slice(open.length, end);
+  const m = HISTORY_ID.exec(id);
+  if (!m || parseInt(m[2], 36) < parseInt(m[1], 36) - MAX_CLOCK_STEP_US) return undefined;
+  return id;
+}
+
 export class NotificationClient {
   #o;
   #ws = null; // the open WebSocket, or
@@ -322,9 +345,10 @@ export class NotificationClient {
     // the pong answers an outstanding ping: a frame read after a wake-up may
     // have waited in a buffer since before the connection died.
     this.#lastRx = Date.now();
+    const text = typeof data === "string" ? data : String(data);
     let msg;
     try {
-      msg = JSON.parse(typeof data === "string" ? data : String(data));
+      msg = JSON.parse(text);
     } catch {
       return;
     }
@@ -348,11 +372,13 @@ export class NotificationClient {
       case "resume.incomplete":
         return this.#emit("resync", { reason: msg.data?.reason, since: msg.data?.since });
     }
-    if (typeof msg.id === "string") {
-      if (this.#seen.has(msg.id)) return;
-      this.#seen.add(msg.id);
+    const id = historyId(text);
+    if (id !== undefined) {
+      if (this.#seen.has(id)) return;
+      this.#seen.add(id);
       if (this.#seen.size > 1000) this.#seen.delete(this.#seen.values().next().value);
-      this.#lastId = msg.id;
+      this.#lastId = id;
+      msg.id = id;
     }
     this.#emit("notification", msg);
   }

@@ -5,7 +5,7 @@
 import { after, test } from "node:test";
 import assert from "node:assert/strict";
 import WebSocket, { WebSocketServer } from "ws";
-import { NotificationClient, backoffDelay, tokenExpiry } from "../src/index.js";
+import { NotificationClient, backoffDelay, historyId, tokenExpiry } from "../src/index.js";
 import { mint, waitFor } from "./helpers.js";
 
 const servers = [];
@@ -118,8 +118,8 @@ test("tokenExpiry reads exp without verifying; anything else is undefined", () =
 
 test("a notification id seen before is not emitted twice, even across reconnects", async () => {
   const frames = [
-    { id: "a-1-x", event: "n", data: 1 },
-    { id: "a-2-x", event: "n", data: 2 },
+    { id: "hond0eonrd-1-hond0eonrd", event: "n", data: 1 },
+    { id: "hond0eonrd-2-hond0f1x2a", event: "n", data: 2 },
   ];
   const srv = await scripted((ws, n) => {
     if (n === 1) {
@@ -128,7 +128,7 @@ test("a notification id seen before is not emitted twice, even across reconnects
       ws.close(1001, reason(1001, "SERVER_SHUTDOWN"));
     } else {
       for (const f of frames) ws.send(JSON.stringify(f)); // a server that replays too much
-      ws.send(JSON.stringify({ id: "a-3-x", event: "n", data: 3 }));
+      ws.send(JSON.stringify({ id: "hond0eonrd-3-hond0f1x2b", event: "n", data: 3 }));
     }
   });
   const c = new NotificationClient({ url: srv.url, WebSocket, userId: "u", getToken: () => mint("u"), minDelayMs: 1, maxDelayMs: 1 });
@@ -138,8 +138,37 @@ test("a notification id seen before is not emitted twice, even across reconnects
   await waitFor(() => got.includes(3), "third notification");
   c.dispose();
   assert.deepEqual(got, [1, 2, 3]);
-  assert.equal(srv.seen[1].searchParams.get("since"), "a-2-x");
+  assert.equal(srv.seen[1].searchParams.get("since"), "hond0eonrd-2-hond0f1x2a");
   assert.equal(srv.seen[0].searchParams.get("since"), "");
+});
+
+test("the resume id is read as the gateway reads it: the history id opening the frame, never a payload's own id", async () => {
+  const hid = "hond0eonrd-4-hond0f1x2c";
+  const srv = await scripted((ws, n) => {
+    if (n === 1) {
+      // Two "id" keys (a publisher that bypassed the checks): JSON.parse keeps the last one.
+      ws.send(`{"id":"${hid}","event":"n","data":1,"id":"order-7"}`);
+      // Plain PUBLISH notifications with ids of their own, one looking like a history id's shape.
+      ws.send(JSON.stringify({ id: "job-7-done", event: "n", data: 2 }));
+      ws.send(JSON.stringify({ id: "job-3-done", event: "n", data: 3 }));
+      ws.send(JSON.stringify({ id: "job-3-done", event: "n", data: 4 }));
+      ws.close(1001, reason(1001, "SERVER_SHUTDOWN"));
+    } else {
+      ws.send(JSON.stringify({ event: "n", data: 5 }));
+    }
+  });
+  const c = new NotificationClient({ url: srv.url, WebSocket, userId: "u", getToken: () => mint("u"), minDelayMs: 1, maxDelayMs: 1 });
+  const got = [];
+  c.on("notification", (n) => got.push([n.data, n.id]));
+  c.connect();
+  await waitFor(() => got.some(([d]) => d === 5), "the notification after the reconnect");
+  c.dispose();
+  assert.deepEqual(got, [[1, hid], [2, "job-7-done"], [3, "job-3-done"], [4, "job-3-done"], [5, undefined]]);
+  assert.equal(srv.seen[1].searchParams.get("since"), hid);
+  assert.equal(historyId(`{"id":"${hid}"}`), hid);
+  for (const t of [`{"id":"job-7-done"}`, `{"event":"n","id":"${hid}"}`, `{"id":"hond0eonrd-4-"}`, `{"id":"hoqukq2ylv-4-hnqukq2ylv"}`, ` {"id":"${hid}"}`]) {
+    assert.equal(historyId(t), undefined, t);
+  }
 });
 
 test("connects to /ws/v1/status/{userId} with since and the token after bearer in Sec-WebSocket-Protocol; http(s) URLs become ws(s)", async () => {
