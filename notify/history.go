@@ -16,7 +16,7 @@ import (
 
 // PublishScript is publish.lua: it appends a notification to the user's
 // history and publishes it, atomically. Backends in other languages run the
-// same file (see docs/protocol.md for redis-py).
+// same file (clients/python ships a copy for the Python services).
 //
 //go:embed publish.lua
 var PublishScript string
