@@ -4,10 +4,15 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/url"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/huleedu/websocket-service/internal/hub"
 	"github.com/huleedu/websocket-service/notify"
@@ -226,4 +231,59 @@ func TestRepairOfAFlappedLinkWaitsForTheLastLinkUp(t *testing.T) {
 	}
 	after := publishWithHistory(t, pub, "flap-a", 1)
 	expectIDs(t, wsFrames(a), after)
+}
+
+// TestSlowReaderOfABigReplayProgressesBeforeItIsClosed: a client that
+// resumes a gap far larger than its queue and stops reading, while live
+// notifications keep coming, is closed 4002 only after the replay frames
+// already queued: it always gets the first ones, so its next resume starts
+// further on.
+func TestSlowReaderOfABigReplayProgressesBeforeItIsClosed(t *testing.T) {
+	st := newStack(t, func(c *stackConfig) { c.gw.CloseGrace = 30 * time.Second })
+	pub := notify.NewHistoryPublisher(st.publisher(), "ws", false, notify.HistoryOptions{MaxLen: 4 * bigEntries})
+	const user = "big-slow"
+	seen := publishBig(t, pub, user, 1)
+	missed := publishBig(t, pub, user, bigEntries)
+	slow := st.m.MessagesDropped.WithLabelValues("slow_consumer")
+	before := testutil.ToFloat64(slow)
+	d := websocket.Dialer{HandshakeTimeout: 10 * time.Second, NetDial: func(network, addr string) (net.Conn, error) {
+		nd := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+			return rc.Control(func(fd uintptr) { _ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+		}}
+		return nd.Dial(network, addr)
+	}}
+	conn, _, err := d.Dial(st.wsURL+"/ws/v1/status/"+user+"?since="+url.QueryEscape(seen[0])+"&token="+st.token(user, time.Hour), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = conn.Close() })
+	// Not reading: live notifications pile up behind the replay.
+	for i := 0; testutil.ToFloat64(slow) == before; i++ {
+		if i > 10*defaultOptions().SendQueueMsgs {
+			t.Fatalf("%d live notifications behind the replay and no slow consumer", i)
+		}
+		st.publish(user, fmt.Sprintf(`{"event":"live","data":{"i":%d}}`, i))
+	}
+	n := 0
+	for {
+		_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, msg, err := conn.ReadMessage()
+		if err != nil {
+			var ce *websocket.CloseError
+			if !asCloseError(err, &ce) || ce.Code != 4002 {
+				t.Fatalf("after %d replayed frames: %v, want close 4002", n, err)
+			}
+			break
+		}
+		if n == len(missed) { // all of it fitted the socket's buffers: live ones follow
+			continue
+		}
+		if frameID(string(msg)) != missed[n] {
+			t.Fatalf("frame %d: %.100s, want id %s", n, msg, missed[n])
+		}
+		n++
+	}
+	if n == 0 {
+		t.Fatal("closed 4002 before the first replayed frame")
+	}
 }
