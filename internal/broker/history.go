@@ -24,8 +24,23 @@ const (
 	ReasonUnavailable = "unavailable" // Redis could not be read
 )
 
-// readScript reads a history and its metadata at one instant.
-const readScript = `return {redis.call('HMGET', KEYS[2], 'e', 'o'), redis.call('LRANGE', KEYS[1], 0, -1)}`
+// readScript reads a history and its metadata at one instant, from since's
+// entry on: ARGV[1] is since's epoch ("": the reader had none, everything
+// is new), ARGV[2] its offset. Offsets are contiguous in the list, so
+// since's entry is newest-since+1 from the end (decide needs it to detect a
+// rollback; a shorter list is read whole and found trimmed). Another epoch,
+// or since at or beyond the newest, reads the newest entry only (its check).
+// A caught-up reader costs one entry, not the whole retained list.
+const readScript = `local m = redis.call('HMGET', KEYS[2], 'e', 'o')
+local from, newest = 0, tonumber(m[2])
+if ARGV[1] ~= '' and m[1] and newest then
+  if m[1] ~= ARGV[1] then
+    from = -1
+  else
+    from = -math.max(1, newest - tonumber(ARGV[2]) + 1)
+  end
+end
+return {m, redis.call('LRANGE', KEYS[1], from, -1)}`
 
 // History reads the per-user histories notify's publish.lua writes, over a
 // command connection of its own (a cluster client routes each read to the
@@ -111,7 +126,8 @@ func (h *History) SinceMany(ctx context.Context, topics []string, since []notify
 	for i, t := range topics {
 		out[i].Last = since[i]
 		ch := notify.Channel(h.prefix, t)
-		execs[i] = rueidis.LuaExec{Keys: []string{notify.HistoryKey(ch), notify.MetaKey(ch)}}
+		execs[i] = rueidis.LuaExec{Keys: []string{notify.HistoryKey(ch), notify.MetaKey(ch)},
+			Args: []string{since[i].Epoch, strconv.FormatInt(since[i].Offset, 10)}}
 	}
 	if len(execs) == 0 {
 		return out

@@ -36,53 +36,170 @@ type replayOut struct {
 
 // releaseHoldLocked ends the hold: r's frames (if any), then the held ones,
 // skipping any history entry at or before what the client already has.
-// It reports false if the send queue overflowed. s.mu is held.
-func (s *session) releaseHoldLocked(r *replayOut) bool {
+// They join the session's backlog, which the send queue takes in as it
+// drains (feedLocked): a replay of any size streams instead of overflowing
+// the queue, and the client always gets its first replayed frame. s.mu is
+// held.
+func (s *session) releaseHoldLocked(r *replayOut) {
 	h := s.hold
 	s.hold = nil
-	var msgs []*hub.Message
+	if s.backlog == nil {
+		s.backlog = &backlog{}
+	}
+	b := s.backlog
 	if r != nil {
 		if r.prefix != nil {
-			msgs = append(msgs, r.prefix)
+			b.items = append(b.items, pending{msg: r.prefix})
 		}
-		s.lastID = r.base
-		for _, e := range r.entries {
-			m := &hub.Message{Payload: e, Frame: TextFrame(e)}
-			if id, ok := notify.PayloadID(e); ok {
-				m.ID = &id
-			}
-			msgs = append(msgs, m)
+		b.items = append(b.items, pending{setBase: true, base: r.base})
+		if len(r.entries) > 0 {
+			b.items = append(b.items, pending{entries: r.entries})
 		}
-		s.gw.m.Replayed.Add(float64(len(r.entries)))
 	}
-	msgs = append(msgs, h.held...)
-	for _, m := range msgs {
-		if s.hasLocked(m) {
-			continue // the client has it: replayed, or seen before it reconnected
-		}
-		if !s.pushLocked(outbound{msg: m}) {
-			return false
-		}
+	for _, m := range h.held {
+		b.items = append(b.items, pending{msg: m})
 	}
 	if r != nil && r.position != nil {
-		// The client's position: the history's newest when it was read,
-		// unless what was just queued is newer.
-		if last := s.lastID; last == nil || (last.Epoch == r.position.Epoch && last.Offset < r.position.Offset) {
-			s.lastID = r.position
-		}
-		pos := positionString(s.lastID)
-		m := systemMessage(eventFrame("resume.position", "id", pos))
-		if s.sse {
-			m.SetAlt(ssePosition(m.Payload, pos))
-		}
-		if !s.pushLocked(outbound{msg: m}) {
-			return false
-		}
+		b.items = append(b.items, pending{position: r.position})
 	}
-	if r != nil && r.suffix != nil && !s.pushLocked(outbound{msg: r.suffix}) {
+	if r != nil && r.suffix != nil {
+		b.items = append(b.items, pending{msg: r.suffix})
+	}
+	s.feedLocked()
+}
+
+// backlog is what released replays still have to send, in order: the
+// writer moves it into the send queue as the queue drains. Its history
+// entries are the slices the history read returned, shared by every
+// session repaired from the same read, and framed one at a time as the
+// queue takes them: a session's memory stays its queue's bound. Frames that
+// arrive while it is not empty wait behind it, at most SendQueueMsgs.
+type backlog struct {
+	items []pending
+	head  int
+	extra int // frames queued behind the replays (live or the gateway's own)
+}
+
+// pending is one step of a backlog.
+type pending struct {
+	msg      *hub.Message // a frame
+	entries  [][]byte     // history entries, oldest first; next is the first not yet queued
+	next     int
+	setBase  bool       // the replay's start: the client has everything up to base (nil: unknown)
+	base     *notify.ID //
+	position *notify.ID // resume.position, made when its turn comes
+	close    *closeReason
+	extra    bool // counted in backlog.extra
+}
+
+// feedLocked moves backlog frames into the send queue while they fit (one
+// at least when the queue is empty, whatever its size), skipping history
+// entries the client already has. s.mu is held.
+func (s *session) feedLocked() {
+	b := s.backlog
+	for b != nil && b.head < len(b.items) {
+		it := &b.items[b.head]
+		switch {
+		case it.setBase:
+			// A repair read from a position the backlog has since passed
+			// must not move the position back (entries would repeat).
+			if last := s.lastID; it.base == nil || last == nil || last.Epoch != it.base.Epoch || last.Offset < it.base.Offset {
+				s.lastID = it.base
+			}
+		case it.entries != nil:
+			for ; it.next < len(it.entries); it.next++ {
+				e := it.entries[it.next]
+				m := &hub.Message{Payload: e}
+				if id, ok := notify.PayloadID(e); ok {
+					m.ID = &id
+				}
+				// Room first: hasLocked may announce a rollback, once.
+				if !s.roomLocked(len(e)) {
+					return
+				}
+				if s.hasLocked(m) {
+					continue
+				}
+				m.Frame = TextFrame(e)
+				s.appendLocked(outbound{msg: m})
+				s.gw.m.Replayed.Inc()
+			}
+		case it.position != nil:
+			// The client's position: the history's newest when it was read,
+			// unless what was queued is newer.
+			if last := s.lastID; last == nil || (last.Epoch == it.position.Epoch && last.Offset < it.position.Offset) {
+				s.lastID = it.position
+			}
+			pos := positionString(s.lastID)
+			m := systemMessage(eventFrame("resume.position", "id", pos))
+			if !s.roomLocked(len(m.Payload)) {
+				return
+			}
+			if s.sse {
+				m.SetAlt(ssePosition(m.Payload, pos))
+			}
+			s.appendLocked(outbound{msg: m})
+		case it.close != nil:
+			s.queue.push(outbound{close: it.close, msg: &hub.Message{}})
+		default:
+			if !s.roomLocked(len(it.msg.Payload)) {
+				return
+			}
+			// (hasLocked after the room check: it may announce a rollback, once.)
+			if !s.hasLocked(it.msg) { // else the client has it: replayed, or seen before it reconnected
+				s.appendLocked(outbound{msg: it.msg})
+			}
+		}
+		if it.extra {
+			b.extra--
+		}
+		b.items[b.head] = pending{}
+		b.head++
+	}
+	s.backlog = nil
+}
+
+// roomLocked reports whether n more bytes fit the send queue; an empty
+// queue takes anything, so a backlog always moves.
+func (s *session) roomLocked(n int) bool {
+	return s.queue.len() == 0 || (s.queue.len() < s.gw.opts.SendQueueMsgs && s.queueBytes+n <= s.gw.opts.SendQueueBytes)
+}
+
+// behindBacklogLocked queues o behind a streaming replay. Beyond
+// SendQueueMsgs such frames the client is a slow consumer, closed with
+// 4002 after the replay frames already in its queue (so a resume always
+// makes progress). It reports false if it closed. s.mu is held.
+func (s *session) behindBacklogLocked(o outbound) bool {
+	b := s.backlog
+	if b.extra >= s.gw.opts.SendQueueMsgs {
+		s.dropBacklogLocked()
+		s.closeAfterQueueLocked(errSlowConsumer)
 		return false
 	}
+	b.extra++
+	b.items = append(b.items, pending{msg: o.msg, extra: true})
 	return true
+}
+
+// dropBacklogLocked discards what a backlog had not queued yet.
+func (s *session) dropBacklogLocked() {
+	b := s.backlog
+	if b == nil {
+		return
+	}
+	n := 0
+	for _, it := range b.items[b.head:] {
+		switch {
+		case it.msg != nil:
+			n++
+		case it.entries != nil:
+			n += len(it.entries) - it.next
+		}
+	}
+	if n > 0 {
+		s.gw.m.MessagesDropped.WithLabelValues("connection_closed").Add(float64(n))
+	}
+	s.backlog = nil
 }
 
 // hasLocked reports whether m is a history entry the connection already
@@ -137,16 +254,11 @@ func (s *session) finishHold(repair bool, gen uint32, r *replayOut) {
 }
 
 // releaseHoldAndFlushLocked releases the hold, unlocks s.mu and schedules
-// the writer (or closes a client whose queue overflowed).
+// the writer.
 func (s *session) releaseHoldAndFlushLocked(r *replayOut) {
-	ok := s.releaseHoldLocked(r)
+	s.releaseHoldLocked(r)
 	sched := s.needScheduleLocked()
 	s.mu.Unlock()
-	if !ok {
-		s.gw.m.MessagesDropped.WithLabelValues("slow_consumer").Inc()
-		s.closeWith(errSlowConsumer)
-		return
-	}
 	if sched {
 		s.writer.schedule(s)
 	}
@@ -279,13 +391,21 @@ var emptyHistory = &notify.ID{}
 // serves it, reading the histories of many users per round trip.
 type repairQueue struct {
 	mu      sync.Mutex
-	pending []*session
+	pending []queuedRepair
 	wake    chan struct{}
 }
 
-func (q *repairQueue) add(s *session) {
+// queuedRepair is a session and the repair generation it was queued for
+// (0: a revocation check only): a link that went down again before the
+// repair ran makes it stale, and the next link-up queues it anew.
+type queuedRepair struct {
+	s   *session
+	gen uint32
+}
+
+func (q *repairQueue) add(s *session, gen uint32) {
 	q.mu.Lock()
-	q.pending = append(q.pending, s)
+	q.pending = append(q.pending, queuedRepair{s, gen})
 	q.mu.Unlock()
 	select {
 	case q.wake <- struct{}{}:
@@ -293,7 +413,7 @@ func (q *repairQueue) add(s *session) {
 	}
 }
 
-func (q *repairQueue) take() []*session {
+func (q *repairQueue) take() []queuedRepair {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	p := q.pending
@@ -319,56 +439,68 @@ func (g *Gateway) repairLoop() {
 }
 
 // repair reads, once per user and position, what the sessions missed, and
-// finishes each session's hold with it and connection.restored.
-func (g *Gateway) repair(batch []*session) {
+// finishes each session's hold with it and connection.restored. It reads
+// repairBatch histories at a time and finishes their sessions before
+// reading the next, so at most one batch of reads is held here (the
+// sessions' backlogs share the entries until their sockets take them).
+func (g *Gateway) repair(queued []queuedRepair) {
 	type job struct {
 		s     *session
-		gen   uint32
 		since notify.ID
-		key   string
+	}
+	gens := make(map[*session]uint32, len(queued))
+	batch := make([]*session, 0, len(queued))
+	for _, q := range queued {
+		if _, ok := gens[q.s]; !ok {
+			batch = append(batch, q.s)
+		}
+		gens[q.s] = max(gens[q.s], q.gen)
 	}
 	batch = g.closeRevoked(batch)
-	jobs := make([]job, 0, len(batch))
 	keys := map[string]int{} // user+position → index into topics
 	var topics []string
 	var since []notify.ID
+	var jobs [][]job // per topic
 	for _, s := range batch {
 		s.mu.Lock()
-		if s.hold == nil || !s.hold.repair || s.lastID == nil {
+		// Only the repair of the link state the session is in now: after a
+		// quick down → up → down, the hold belongs to the second outage.
+		if s.hold == nil || !s.hold.repair || s.lastID == nil || s.hold.gen != gens[s] || s.toldDown {
 			s.mu.Unlock()
 			continue
 		}
-		j := job{s: s, gen: s.hold.gen, since: *s.lastID}
+		j := job{s: s, since: *s.lastID}
 		s.mu.Unlock()
-		j.key = s.user + "\x00" + j.since.String()
-		if _, ok := keys[j.key]; !ok {
-			keys[j.key] = len(topics)
-			topics, since = append(topics, s.user), append(since, j.since)
+		key := s.user + "\x00" + j.since.String()
+		k, ok := keys[key]
+		if !ok {
+			k = len(topics)
+			keys[key] = k
+			topics, since, jobs = append(topics, s.user), append(since, j.since), append(jobs, nil)
 		}
-		jobs = append(jobs, j)
+		jobs[k] = append(jobs[k], j)
 	}
-	results := make([]broker.Replay, 0, len(topics))
 	for i := 0; i < len(topics); i += repairBatch {
 		end := min(i+repairBatch, len(topics))
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		results = append(results, g.opts.History.SinceMany(ctx, topics[i:end], since[i:end])...)
+		results := g.opts.History.SinceMany(ctx, topics[i:end], since[i:end])
 		cancel()
-	}
-	for i := range results {
-		results[i].Entries = g.admitted(results[i].Entries)
-	}
-	now := time.Now()
-	for _, j := range jobs {
-		rep := results[keys[j.key]]
-		out := &replayOut{suffix: systemMessage(restoredFrame(now, rep.Reason == ""))}
-		if rep.Reason == "" {
-			base := j.since
-			out.base, out.entries = &base, rep.Entries
-			g.m.Repairs.WithLabelValues("complete").Inc()
-		} else {
-			g.m.Repairs.WithLabelValues("incomplete").Inc()
+		now := time.Now()
+		for k, rep := range results {
+			rep.Entries = g.admitted(rep.Entries)
+			for _, j := range jobs[i+k] {
+				out := &replayOut{suffix: systemMessage(restoredFrame(now, rep.Reason == ""))}
+				if rep.Reason == "" {
+					base := j.since
+					out.base, out.entries = &base, rep.Entries
+					g.m.Repairs.WithLabelValues("complete").Inc()
+				} else {
+					g.m.Repairs.WithLabelValues("incomplete").Inc()
+				}
+				j.s.finishHold(true, gens[j.s], out)
+			}
+			jobs[i+k] = nil
 		}
-		j.s.finishHold(true, j.gen, out)
 	}
 }
 

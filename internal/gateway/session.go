@@ -63,6 +63,8 @@ type session struct {
 	// hold, while a replay from history is being prepared, keeps every
 	// frame in arrival order; the replay goes out first (replay.go).
 	hold *holdState
+	// backlog is what released replays have not queued yet (replay.go).
+	backlog *backlog
 
 	// wmu orders every write to the socket; after a close frame nothing
 	// more is written (RFC 6455 §5.5.1), whichever goroutine wrote it.
@@ -177,8 +179,9 @@ func (s *session) LinkState(up bool) {
 		frame = restoredFrame(time.Now(), false)
 	case s.lastID != nil && s.gw.opts.History != nil:
 		s.hold.gen = s.repairGen
+		gen := s.repairGen
 		s.mu.Unlock()
-		s.gw.repairs.add(s) // the repair checks the revocation first
+		s.gw.repairs.add(s, gen) // the repair checks the revocation first
 		return
 	default: // no history position: deliver what was held, and say so
 		s.releaseHoldAndFlushLocked(&replayOut{suffix: systemMessage(restoredFrame(time.Now(), false))})
@@ -195,7 +198,7 @@ func (s *session) LinkState(up bool) {
 // here, so the repair loop looks it up (and repairs nothing else for it).
 func (s *session) recheckRevocation(up bool) {
 	if up && s.gw.opts.History != nil {
-		s.gw.repairs.add(s)
+		s.gw.repairs.add(s, 0)
 	}
 }
 
@@ -229,6 +232,18 @@ func (s *session) enqueue(o outbound, live bool) {
 		s.mu.Unlock()
 		return
 	}
+	if s.backlog != nil { // a replay is streaming: behind it
+		ok := s.behindBacklogLocked(o)
+		sched := s.needScheduleLocked()
+		s.mu.Unlock()
+		if !ok {
+			s.gw.m.MessagesDropped.WithLabelValues("slow_consumer").Inc()
+		}
+		if sched {
+			s.writer.schedule(s)
+		}
+		return
+	}
 	if !s.pushLocked(o) {
 		s.mu.Unlock()
 		s.gw.m.MessagesDropped.WithLabelValues("slow_consumer").Inc()
@@ -249,12 +264,18 @@ func (s *session) pushLocked(o outbound) bool {
 	if s.queue.len() >= s.gw.opts.SendQueueMsgs || s.queueBytes+n > s.gw.opts.SendQueueBytes {
 		return false
 	}
+	s.appendLocked(o)
+	return true
+}
+
+// appendLocked appends o to the send queue and records the newest history
+// id queued.
+func (s *session) appendLocked(o outbound) {
 	s.queue.push(o)
-	s.queueBytes += n
+	s.queueBytes += len(o.msg.Payload)
 	if o.msg.ID != nil {
 		s.lastID = o.msg.ID
 	}
-	return true
 }
 
 // needScheduleLocked marks the session scheduled when it has work and is not
@@ -263,7 +284,7 @@ func (s *session) needScheduleLocked() bool {
 	if !s.attached || s.scheduled || s.closed {
 		return false
 	}
-	if s.closeNow == nil && !s.wantPing && ((s.queue.len() == 0 && s.pong == nil) || s.stalled.Load()) {
+	if s.closeNow == nil && !s.wantPing && ((s.queue.len() == 0 && s.backlog == nil && s.pong == nil) || s.stalled.Load()) {
 		return false
 	}
 	s.scheduled = true
@@ -321,13 +342,23 @@ func (s *session) closeAfterQueue(err error) {
 	if s.hold != nil {
 		s.releaseHoldLocked(nil) // nothing accepted before the shutdown is lost
 	}
-	s.closing = true
-	s.queue.push(outbound{close: closeFor(err), msg: &hub.Message{}})
+	s.closeAfterQueueLocked(err)
 	sched := s.needScheduleLocked()
 	s.mu.Unlock()
 	if sched {
 		s.writer.schedule(s)
 	}
+}
+
+// closeAfterQueueLocked queues the close for err after everything queued
+// (and a streaming replay's backlog); nothing more is accepted. s.mu is held.
+func (s *session) closeAfterQueueLocked(err error) {
+	s.closing = true
+	if s.backlog != nil {
+		s.backlog.items = append(s.backlog.items, pending{close: closeFor(err)})
+		return
+	}
+	s.queue.push(outbound{close: closeFor(err), msg: &hub.Message{}})
 }
 
 // ping asks the writer to send a WebSocket ping.
@@ -397,6 +428,9 @@ func (s *session) run() {
 			s.mu.Unlock()
 			s.writeControl(websocket.PingMessage, nil)
 			continue
+		}
+		if s.backlog != nil {
+			s.feedLocked()
 		}
 		if s.queue.len() == 0 && s.pong == nil {
 			s.scheduled = false
@@ -481,6 +515,7 @@ func (s *session) dropQueueLocked() {
 	if n := s.queue.len(); n > 0 {
 		s.gw.m.MessagesDropped.WithLabelValues("connection_closed").Add(float64(n))
 	}
+	s.dropBacklogLocked()
 	s.queue, s.queueBytes, s.pong = sendQueue{}, 0, nil
 }
 
