@@ -273,7 +273,10 @@ export class NotificationClient {
     const ctl = new AbortController();
     try {
       const res = await f(url, { signal: ctl.signal, headers: { Accept: "text/event-stream" } });
-      if (res.ok) return [1006, ""];
+      if (res.ok) {
+        this.#ownCloseAt = Date.now(); // this stream, aborted below, may be counted a moment longer
+        return [1006, ""];
+      }
       const body = await res.json().catch(() => ({}));
       const code = { 401: 1008, 403: 1008, 429: 4000, 503: 1013 }[res.status] || 1011;
       return [code, JSON.stringify(body)];
