@@ -25,7 +25,7 @@ const DefaultRevokeFor = 24 * time.Hour
 
 // RevocationKey names a channel's revocation (unix seconds; tokens with
 // iat <= it are refused), in the channel's slot.
-func RevocationKey(channel string) string { return "{" + channel + "}:r" }
+func RevocationKey(channel string) string { return hashTag(channel) + ":r" }
 
 // Control is a control message to the gateways, on the user's channel.
 type Control struct {

@@ -30,14 +30,15 @@ const (
 )
 
 // HistoryKey and MetaKey name a channel's history list and its metadata
-// hash; the channel is their hash tag, so they live in the channel's slot.
-func HistoryKey(channel string) string { return "{" + channel + "}:h" }
+// hash; their hash tag puts them in the channel's slot ("{<channel>}:h"
+// for a channel without "}"; see hashTag).
+func HistoryKey(channel string) string { return hashTag(channel) + ":h" }
 
 // MetaKey: see HistoryKey.
-func MetaKey(channel string) string { return "{" + channel + "}:m" }
+func MetaKey(channel string) string { return hashTag(channel) + ":m" }
 
 // idempotencyKeyName marks a publish already done under key.
-func idempotencyKeyName(channel, key string) string { return "{" + channel + "}:i:" + key }
+func idempotencyKeyName(channel, key string) string { return hashTag(channel) + ":i:" + key }
 
 // EmptyPosition is the position of a reader whose user had no history yet:
 // resuming from it replays everything the history holds now.

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -93,10 +95,16 @@ func startServe(t *testing.T, env map[string]string) *server {
 		if exited == nil {
 			t.Cleanup(func() {
 				cancel()
+				// serve bounds its shutdown by SHUTDOWN_TIMEOUT (the broker's
+				// close no longer waits for Redis round trips); the slack is
+				// for a loaded machine's scheduling only.
+				bound := shutdownBound(t, full)
 				select {
 				case <-s.done:
-				case <-time.After(10 * time.Second):
-					t.Error("serve did not return")
+				case <-time.After(bound):
+					buf := make([]byte, 1<<20)
+					t.Errorf("serve did not return within %s (SHUTDOWN_TIMEOUT + slack)\nlogs:\n%s\ngoroutines:\n%s",
+						bound, s.logs.String(), buf[:runtime.Stack(buf, true)])
 				}
 			})
 			return s
@@ -106,6 +114,19 @@ func startServe(t *testing.T, env map[string]string) *server {
 			t.Fatalf("serve returned at start: %v\n%s", exited, s.logs.String())
 		}
 	}
+}
+
+// shutdownBound is how long a test waits for serve to return after its
+// context ends: the service's own SHUTDOWN_TIMEOUT plus 30 s of slack.
+func shutdownBound(t *testing.T, env map[string]string) time.Duration {
+	d, err := time.ParseDuration(env["SHUTDOWN_TIMEOUT"])
+	if n, nerr := strconv.Atoi(env["SHUTDOWN_TIMEOUT"]); nerr == nil { // seconds, as config reads it
+		d, err = time.Duration(n)*time.Second, nil
+	}
+	if err != nil {
+		t.Fatalf("SHUTDOWN_TIMEOUT %q: %v", env["SHUTDOWN_TIMEOUT"], err)
+	}
+	return d + 30*time.Second
 }
 
 func (s *server) url(scheme string) string { return fmt.Sprintf("%s://127.0.0.1:%d", scheme, s.port) }

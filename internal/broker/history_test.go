@@ -219,3 +219,69 @@ func TestHistoryOnEveryTopology(t *testing.T) {
 		})
 	}
 }
+
+// TestHistoryUserIDsWithBraces: Redis hashes a key by its first {…}, so a
+// user id with braces must not move the history keys to another slot than
+// the channel (SPUBLISH inside the script would fail with CROSSSLOT), in
+// either pub/sub mode; the notification arrives and resumes.
+func TestHistoryUserIDsWithBraces(t *testing.T) {
+	c := redistest.StartCluster(t, 2*time.Second)
+	top := broker.Topology{ClusterNodes: c.Addrs()}
+	users := []string{"a}b{c", "x{y}", "}{", "{}", "p{q", "r}s", "plain-user"}
+	for _, sharded := range []bool{false, true} {
+		t.Run(map[bool]string{false: "classic", true: "sharded"}[sharded], func(t *testing.T) {
+			b := newStressBroker(top, sharded)(t)
+			rec := brokertest.NewRecorder()
+			if err := b.Start(rec); err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			rec.WaitLink(t, "up", 20*time.Second)
+			co, err := top.ClientOption()
+			if err != nil {
+				t.Fatal(err)
+			}
+			co.DisableCache = true
+			client, err := rueidis.NewClient(co)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer client.Close()
+			pub := notify.NewHistoryPublisher(client, "ws", sharded, notify.HistoryOptions{})
+			h, err := broker.NewHistory(broker.RedisOptions{Topology: top, Prefix: "ws"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer h.Close()
+			for _, user := range users {
+				ch := notify.Channel("ws", user)
+				chSlot, _ := c.KeySlot(ch)
+				for _, key := range []string{notify.HistoryKey(ch), notify.MetaKey(ch)} {
+					if s, _ := c.KeySlot(key); s != chSlot {
+						t.Errorf("%q: key %q in slot %d, channel %q in slot %d", user, key, s, ch, chSlot)
+					}
+				}
+				ready, _ := b.Subscribe(user)
+				<-ready
+				var ids []string
+				for i := range 2 {
+					res, err := pub.Publish(context.Background(), user, json.RawMessage(`{"n":`+strconv.Itoa(i)+`}`), "")
+					if err != nil {
+						t.Fatalf("%q: publish: %v", user, err)
+					}
+					ids = append(ids, res.ID)
+				}
+				for _, id := range ids {
+					e := rec.Next(t, 10*time.Second)
+					if got, ok := notify.PayloadID([]byte(e.Payload)); !ok || got.String() != id || e.Topic != user {
+						t.Fatalf("%q: live %s %s, want id %s", user, e.Topic, e.Payload, id)
+					}
+				}
+				r := h.Since(context.Background(), user, ids[0])
+				if r.Reason != "" || len(r.Entries) != 1 || r.Last.String() != ids[1] {
+					t.Fatalf("%q: replay %+v", user, r)
+				}
+			}
+		})
+	}
+}

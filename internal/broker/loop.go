@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"context"
 	"errors"
 	"sync"
 )
@@ -13,9 +14,17 @@ type loop struct {
 	closed  bool
 	stop    chan struct{} // closed by close
 	done    chan struct{} // closed when the goroutine has returned
+	// ctx ends with close: the loop's Redis round trips use it, so close
+	// never waits for a stalled server to answer (or for their timeouts,
+	// seconds long, to pass) and shutdown stays within its own timeout.
+	ctx    context.Context
+	cancel context.CancelFunc
 }
 
-func newLoop() loop { return loop{stop: make(chan struct{}), done: make(chan struct{})} }
+func newLoop() loop {
+	ctx, cancel := context.WithCancel(context.Background())
+	return loop{stop: make(chan struct{}), done: make(chan struct{}), ctx: ctx, cancel: cancel}
+}
 
 // start runs fn on the loop goroutine.
 func (l *loop) start(fn func()) error {
@@ -46,6 +55,7 @@ func (l *loop) close() bool {
 	started := l.started
 	l.mu.Unlock()
 	close(l.stop)
+	l.cancel()
 	if started {
 		<-l.done
 	}

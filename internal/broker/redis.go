@@ -300,7 +300,7 @@ func (r *RedisBroker) connected(onUp func()) error {
 	clear(r.dirty)
 	r.mu.Unlock()
 
-	ctx, cancelCtx := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+5*time.Second)
+	ctx, cancelCtx := context.WithTimeout(r.life.ctx, r.opts.ProbeTimeout+5*time.Second)
 	cmds := append(rueidis.Commands{dc.B().Subscribe().Channel(r.probeCh).Build()}, r.subscribeCmds(dc, all)...)
 	err := firstErr(dc.DoMulti(ctx, cmds...))
 	cancelCtx()
@@ -355,7 +355,7 @@ func (r *RedisBroker) connected(onUp func()) error {
 }
 
 func (r *RedisBroker) publishProbe(client rueidis.Client, failed chan<- error) {
-	ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout)
+	ctx, cancel := context.WithTimeout(r.life.ctx, r.opts.ProbeTimeout)
 	defer cancel()
 	if err := client.Do(ctx, client.B().Publish().Channel(r.probeCh).Message("probe").Build()).Error(); err != nil {
 		select {
@@ -393,7 +393,7 @@ func (r *RedisBroker) flush(dc rueidis.DedicatedClient) error {
 		cmds = append(cmds, dc.B().Unsubscribe().Channel(r.channels(chunk)...).Build())
 	}
 	cmds = append(cmds, r.subscribeCmds(dc, subs)...)
-	ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+5*time.Second)
+	ctx, cancel := context.WithTimeout(r.life.ctx, r.opts.ProbeTimeout+5*time.Second)
 	defer cancel()
 	if err := firstErr(dc.DoMulti(ctx, cmds...)); err != nil {
 		return err

@@ -340,7 +340,7 @@ func (r *ShardedRedisBroker) client(node string) (rueidis.Client, error) {
 
 // refresh reads the slot owners (CLUSTER SLOTS) from a known node or a seed.
 func (r *ShardedRedisBroker) refresh() error {
-	ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+2*time.Second)
+	ctx, cancel := context.WithTimeout(r.life.ctx, r.opts.ProbeTimeout+2*time.Second)
 	defer cancel()
 	candidates := slices.Concat(r.nodes, r.opts.Topology.ClusterNodes)
 	if len(r.opts.Topology.ClusterNodes) == 0 {
@@ -454,7 +454,7 @@ func (r *ShardedRedisBroker) connect(l *shardLink) error {
 	for _, t := range topics {
 		cmds = append(cmds, dc.B().Ssubscribe().Channel(notify.Channel(r.opts.Prefix, t)).Build())
 	}
-	ctx, cancelCtx := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+5*time.Second)
+	ctx, cancelCtx := context.WithTimeout(r.life.ctx, r.opts.ProbeTimeout+5*time.Second)
 	err = firstErr(dc.DoMulti(ctx, cmds...))
 	cancelCtx()
 	if err != nil {
@@ -570,7 +570,7 @@ func (r *ShardedRedisBroker) flush() {
 		for _, t := range subs[node] {
 			cmds = append(cmds, l.dc.B().Ssubscribe().Channel(notify.Channel(r.opts.Prefix, t)).Build())
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout+5*time.Second)
+		ctx, cancel := context.WithTimeout(r.life.ctx, r.opts.ProbeTimeout+5*time.Second)
 		results := l.dc.DoMulti(ctx, cmds...)
 		cancel()
 		var ok []string
@@ -710,7 +710,7 @@ func (r *ShardedRedisBroker) probe(now time.Time) {
 				continue
 			}
 			r.wg.Go(func() {
-				ctx, cancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout)
+				ctx, cancel := context.WithTimeout(r.life.ctx, r.opts.ProbeTimeout)
 				defer cancel()
 				_ = client.Do(ctx, client.B().Spublish().Channel(ch).Message("probe").Build()).Error()
 			})

@@ -17,7 +17,12 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-func (g *Gateway) healthz(w http.ResponseWriter, _ *http.Request) {
+// healthz is readable by pages on allowed origins: the client asks it
+// whether plain HTTP works before falling back to Server-Sent Events.
+func (g *Gateway) healthz(w http.ResponseWriter, r *http.Request) {
+	if g.originAllowed(r) {
+		allowOrigin(w.Header(), r)
+	}
 	now := time.Now()
 	writeJSON(w, http.StatusOK, map[string]any{
 		"service":        "websocket_service",

@@ -113,6 +113,7 @@ func (g *Gateway) refuseSSE(w http.ResponseWriter, metric string, status int, bo
 	w.Header().Set("Cache-Control", "no-store")
 	if status == http.StatusServiceUnavailable || status == http.StatusTooManyRequests {
 		w.Header().Set("Retry-After", strconv.Itoa(2+rand.IntN(8)))
+		w.Header().Set("Access-Control-Expose-Headers", "Retry-After")
 	}
 	w.WriteHeader(status)
 	_, _ = w.Write(body)
@@ -127,15 +128,18 @@ func (g *Gateway) refuseSSEWith(w http.ResponseWriter, err error) {
 // queues the replay, then writes the response head and hands the
 // connection to the engine.
 func (g *Gateway) serveSSE(w http.ResponseWriter, r *http.Request) {
+	if !g.originAllowed(r) {
+		g.refuseSSE(w, "origin", http.StatusForbidden, []byte(`{"error_code":"ORIGIN_NOT_ALLOWED","message":"origin not allowed"}`))
+		return
+	}
+	// From here on every refusal is readable by the page (its origin is
+	// allowed), so the client sees 401/403/429/503, not a network error.
+	allowOrigin(w.Header(), r)
 	select {
 	case g.handshake <- struct{}{}:
 		defer func() { <-g.handshake }()
 	default:
 		g.refuseSSE(w, "handshake_limit", http.StatusServiceUnavailable, []byte(`{"error_code":"SERVER_BUSY","message":"too many handshakes in progress"}`))
-		return
-	}
-	if !g.originAllowed(r) {
-		g.refuseSSE(w, "origin", http.StatusForbidden, []byte(`{"error_code":"ORIGIN_NOT_ALLOWED","message":"origin not allowed"}`))
 		return
 	}
 	if g.draining.Load() {
@@ -224,12 +228,24 @@ func (g *Gateway) sseHead(r *http.Request) []byte {
 	var b strings.Builder
 	b.WriteString("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n" +
 		"Cache-Control: no-cache, no-transform\r\nX-Accel-Buffering: no\r\nConnection: close\r\n")
-	if origin := r.Header.Get("Origin"); origin != "" {
-		// originAllowed passed: let the page read the stream cross-origin.
-		fmt.Fprintf(&b, "Access-Control-Allow-Origin: %s\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n", sanitizeHeader(origin))
-	}
+	h := http.Header{}
+	allowOrigin(h, r) // originAllowed passed: let the page read the stream cross-origin
+	_ = h.Write(&b)
 	fmt.Fprintf(&b, "\r\nretry: %d\n\n", 1000+rand.IntN(4000))
 	return []byte(b.String())
+}
+
+// allowOrigin lets a page on the request's Origin read the response (CORS);
+// call it only once originAllowed passed. Same-origin and non-browser
+// requests (no Origin) need nothing.
+func allowOrigin(h http.Header, r *http.Request) {
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return
+	}
+	h.Set("Access-Control-Allow-Origin", sanitizeHeader(origin))
+	h.Set("Access-Control-Allow-Credentials", "true")
+	h.Add("Vary", "Origin")
 }
 
 // sanitizeHeader drops what could end a header line.

@@ -12,6 +12,7 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -277,6 +278,66 @@ func TestSSERefusals(t *testing.T) {
 
 	st.gw.Drain()
 	check("draining", "/sse/v1/status/z?token="+st.token("z", time.Hour), nil, 503, "SERVER_SHUTDOWN")
+}
+
+// TestSSERefusalsReadableCrossOrigin: a page on an allowed other origin
+// reads every refusal (CORS headers, Retry-After exposed); a foreign origin
+// gets none. Without them the browser hides the status and the client
+// cannot tell a revoked token from a network error (issue 18, defect 8).
+func TestSSERefusalsReadableCrossOrigin(t *testing.T) {
+	const app = "https://app.example"
+	st := newStack(t, func(c *stackConfig) {
+		c.gw.MaxConnsPerUser = 1
+		c.gw.CORSOrigins = []string{app}
+	})
+	from := func(origin string) http.Header { return http.Header{"Origin": {origin}} }
+	check := func(name, path string, h http.Header, status int, wantCORS, wantExpose bool) {
+		t.Helper()
+		c, err := dialSSE(st.httpURL(), path, h)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.status != status {
+			t.Errorf("%s: status %d %s, want %d", name, c.status, c.body, status)
+		}
+		hd := c.header
+		cors := hd.Get("Access-Control-Allow-Origin") == app && hd.Get("Access-Control-Allow-Credentials") == "true" &&
+			slices.Contains(hd.Values("Vary"), "Origin")
+		if cors != wantCORS || (!wantCORS && hd.Get("Access-Control-Allow-Origin") != "") {
+			t.Errorf("%s: CORS headers %v, want them: %v", name, hd, wantCORS)
+		}
+		if exposed := hd.Get("Access-Control-Expose-Headers") == "Retry-After" && hd.Get("Retry-After") != ""; exposed != wantExpose {
+			t.Errorf("%s: Retry-After exposed %v, want %v (%v)", name, exposed, wantExpose, hd)
+		}
+	}
+	tok := st.token("q", time.Hour)
+	check("no token", "/sse/v1/status/q", from(app), 401, true, false)
+	check("other user", "/sse/v1/status/other?token="+tok, from(app), 403, true, false)
+	check("foreign origin", "/sse/v1/status/q?token="+tok, from("https://evil.example"), 403, false, false)
+	if _, err := disconnecter(t, st.redis.Addr(), false).Disconnect(context.Background(), "r", notify.DisconnectOptions{Revoke: true}); err != nil {
+		t.Fatal(err)
+	}
+	check("revoked", "/sse/v1/status/r?token="+mintIAT(t, "r", time.Now().Add(-time.Minute)), from(app), 401, true, false)
+	open := st.sse("q", from(app))
+	defer open.close()
+	check("quota", "/sse/v1/status/q?token="+tok, from(app), 429, true, true)
+
+	// The client asks /healthz whether plain HTTP works before it falls back.
+	for origin, want := range map[string]string{app: app, "https://evil.example": ""} {
+		req, _ := http.NewRequest("GET", st.httpURL()+"/healthz", nil)
+		req.Header.Set("Origin", origin)
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if got := res.Header.Get("Access-Control-Allow-Origin"); res.StatusCode != 200 || got != want {
+			t.Errorf("/healthz from %s: %d, Access-Control-Allow-Origin %q, want %q", origin, res.StatusCode, got, want)
+		}
+	}
+
+	st.gw.Drain()
+	check("draining", "/sse/v1/status/z?token="+st.token("z", time.Hour), from(app), 503, true, true)
 }
 
 func TestSSEServerBusy(t *testing.T) {

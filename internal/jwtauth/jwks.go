@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"sync/atomic"
@@ -59,6 +60,9 @@ func NewJWKS(o JWKSOptions) (*JWKS, error) {
 	if o.Client == nil {
 		o.Client = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
 	}
+	c := *o.Client // a copy: the caller's client keeps its own transport
+	c.Transport = limitTransport{base: c.Transport}
+	o.Client = &c
 	j := &JWKS{o: o, done: make(chan struct{})}
 	j.ctx, j.cancel = context.WithCancel(context.Background())
 	if err := j.fetch(); err == nil {
@@ -75,6 +79,62 @@ func NewJWKS(o JWKSOptions) (*JWKS, error) {
 }
 
 var errFetch = errors.New("fetch JWKS")
+
+// MaxJWKSBytes bounds a JWKS response body. A key set is a few KiB; a
+// broken or hostile endpoint must not make every instance read without end.
+const MaxJWKSBytes = 1 << 20
+
+// ErrJWKSTooLarge fails a fetch whose body passes MaxJWKSBytes: the fetch
+// fails like any other (the last good key set stays in use).
+var ErrJWKSTooLarge = errors.New("JWKS response larger than 1 MiB")
+
+// limitTransport caps every response body it returns at MaxJWKSBytes. The
+// key set library decodes the body itself, so the cap sits below it.
+type limitTransport struct{ base http.RoundTripper }
+
+func (t limitTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	base := t.base
+	if base == nil {
+		base = http.DefaultTransport
+	}
+	resp, err := base.RoundTrip(r)
+	if err != nil {
+		return nil, err
+	}
+	resp.Body = &limitedBody{rc: resp.Body, left: MaxJWKSBytes}
+	return resp, nil
+}
+
+// CloseIdleConnections lets http.Client.CloseIdleConnections (JWKS.Close)
+// reach the transport underneath.
+func (t limitTransport) CloseIdleConnections() {
+	if c, ok := t.base.(interface{ CloseIdleConnections() }); ok {
+		c.CloseIdleConnections()
+	}
+}
+
+// limitedBody reads at most left bytes and fails with ErrJWKSTooLarge when
+// there is more (io.LimitReader would end with a silent EOF instead).
+type limitedBody struct {
+	rc   io.ReadCloser
+	left int64
+}
+
+func (b *limitedBody) Read(p []byte) (int, error) {
+	if int64(len(p)) > b.left+1 {
+		p = p[:b.left+1]
+	}
+	n, err := b.rc.Read(p)
+	if int64(n) > b.left {
+		n = int(b.left)
+		b.left = 0
+		return n, ErrJWKSTooLarge
+	}
+	b.left -= int64(n)
+	return n, err
+}
+
+func (b *limitedBody) Close() error { return b.rc.Close() }
 
 // fetch builds the key set with a first fetch that must succeed.
 func (j *JWKS) fetch() error {

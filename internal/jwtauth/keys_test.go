@@ -1,6 +1,7 @@
 package jwtauth
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -11,6 +12,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -318,6 +320,92 @@ func TestJWKSUnreachableAtStart(t *testing.T) {
 	if _, err := v.Validate(tok); err != nil {
 		t.Fatalf("after the endpoint came back: %v", err)
 	}
+}
+
+// TestJWKSBodyLimit: a JWKS endpoint that answers 2 MiB (here a valid set,
+// padded) fails the refresh with a clear error instead of being read whole,
+// and the last good key set stays in use.
+func TestJWKSBodyLimit(t *testing.T) {
+	k := testKeys()
+	srv := newJWKSServer(t)
+	srv.publish(t, map[string]crypto.Signer{"old": k["rsa"]}, nil)
+	logs := &recordHandler{}
+	jwks, err := NewJWKS(JWKSOptions{URL: srv.URL, Refresh: 20 * time.Millisecond, UnknownKIDEvery: time.Hour, Logger: slog.New(logs)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer jwks.Close()
+	v, _ := New(Options{Algorithms: []string{"RS256"}, JWKS: jwks})
+	old := signKid(t, jwt.SigningMethodRS256, k["rsa"], "old", claims("a"))
+	if _, err := v.Validate(old); err != nil {
+		t.Fatal(err)
+	}
+
+	// The new body replaces "old" with "new": accepted whole, it would
+	// remove the old key.
+	jwk, err := jwkset.NewJWKFromKey(k["rsa2"].Public(), jwkset.JWKOptions{Metadata: jwkset.JWKMetadataOptions{KID: "new"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	big, err := json.Marshal(map[string]any{"keys": []jwkset.JWKMarshal{jwk.Marshal()}, "pad": strings.Repeat("x", 2<<20)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.mu.Lock()
+	srv.body = big
+	srv.mu.Unlock()
+	// Refreshes run one after another: the second fetch after the swap
+	// starts after the first one's outcome was decided.
+	from := srv.fetches.Load()
+	deadline := time.Now().Add(20 * time.Second)
+	for srv.fetches.Load() < from+2 {
+		if time.Now().After(deadline) {
+			t.Fatal("no refresh of the big body")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if _, err := v.Validate(old); err != nil {
+		t.Fatalf("the last good key after a 2 MiB answer: %v", err)
+	}
+	if !logs.has(ErrJWKSTooLarge.Error()) {
+		t.Fatalf("no refresh error naming the limit; logged: %q", logs.all())
+	}
+}
+
+// recordHandler keeps every log record's message and attributes as text.
+type recordHandler struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (h *recordHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h *recordHandler) WithAttrs([]slog.Attr) slog.Handler       { return h }
+func (h *recordHandler) WithGroup(string) slog.Handler            { return h }
+func (h *recordHandler) Handle(_ context.Context, r slog.Record) error {
+	line := r.Message
+	r.Attrs(func(a slog.Attr) bool {
+		line += " " + a.String()
+		return true
+	})
+	h.mu.Lock()
+	h.lines = append(h.lines, line)
+	h.mu.Unlock()
+	return nil
+}
+
+func (h *recordHandler) all() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]string(nil), h.lines...)
+}
+
+func (h *recordHandler) has(s string) bool {
+	for _, l := range h.all() {
+		if strings.Contains(l, s) {
+			return true
+		}
+	}
+	return false
 }
 
 func TestExtractFromSubprotocol(t *testing.T) {

@@ -79,6 +79,13 @@ export interface ClientOptions {
   sseAfterFailures?: number;
   /** On Server-Sent Events, try WebSocket again after this long (default 300,000 ms). */
   wsRetryMs?: number;
+  /**
+   * For this long after the client closed a connection itself (liveness reopen, token refresh over
+   * Server-Sent Events, transport switch, pagehide), 4000 QUOTA_EXCEEDED is retried with backoff instead
+   * of ending the client: the server may still count the old connection (default 90,000 ms, the
+   * server's default WEBSOCKET_IDLE_TIMEOUT).
+   */
+  quotaGraceMs?: number;
 }
 
 export interface EventSourceLike {

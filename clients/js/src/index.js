@@ -18,6 +18,7 @@ const defaults = {
   checkMs: 5000, // how often liveness and token expiry are checked
   sseAfterFailures: 3, // WebSocket attempts that never opened before trying Server-Sent Events
   wsRetryMs: 300000, // on Server-Sent Events, try WebSocket again after this long
+  quotaGraceMs: 90000, // after this client closed a connection itself, 4000 is retried for this long
 };
 
 /** Reads a JWT's exp (seconds) without verifying it: only to refresh in time. */
@@ -89,6 +90,7 @@ export class NotificationClient {
   #opened = false; // the current connection opened
   #wanted = false; // connect() called and not close()d
   #gen = 0; // connection generation: events of a replaced socket are ignored
+  #ownCloseAt = 0; // when this client last closed a connection of its own (reopen, refresh, switch, pagehide)
   #unhook = [];
 
   constructor(options) {
@@ -294,7 +296,10 @@ export class NotificationClient {
     const ctl = new AbortController();
     try {
       const res = await f(url, { signal: ctl.signal, headers: { Accept: "text/event-stream" } });
-      if (res.ok) return [1006, ""];
+      if (res.ok) {
+        this.#ownCloseAt = Date.now(); // this stream, aborted below, may be counted a moment longer
+        return [1006, ""];
+      }
       const body = await res.json().catch(() => ({}));
       const code = { 401: 1008, 403: 1008, 429: 4000, 503: 1013 }[res.status] || 1011;
       return [code, JSON.stringify(body)];
@@ -399,8 +404,17 @@ export class NotificationClient {
     if (this.#openedAt && Date.now() - this.#openedAt >= this.#o.stableAfterMs) {
       this.#attempt = 0;
       this.#authRetried = false;
+      this.#ownCloseAt = 0; // a connection lived after it: the quota had let go of the old one
     }
     this.#openedAt = 0;
+    if (code === 4000 && this.#ownCloseAt && Date.now() - this.#ownCloseAt < this.#o.quotaGraceMs) {
+      // The quota may still count the connection this client closed itself
+      // a moment ago (the server has not processed that close yet, or has
+      // not noticed a dead peer): a wait, not a verdict.
+      this.#log("quota still counts the connection closed by this client: retrying");
+      this.#retry(false);
+      return;
+    }
     const terminal = TERMINAL.has(code) || (code === 1008 && (err.errorCode !== "AUTHENTICATION_ERROR" || this.#authRetried));
     if (terminal) {
       this.#wanted = false;
@@ -506,6 +520,7 @@ export class NotificationClient {
 
   #stop(code) {
     this.#gen++;
+    if (this.#ws || this.#es) this.#ownCloseAt = Date.now();
     clearTimeout(this.#timer);
     clearTimeout(this.#wakeTimer);
     clearInterval(this.#ticker);

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
 import path from "node:path";
 import { chromium } from "playwright-core";
-import { publish, startFilteringProxy, startRedis, startService, waitFor } from "./helpers.js";
+import { metric, mint, publish, revoke, startFilteringProxy, startPageServer, startRedis, startService, waitFor } from "./helpers.js";
 
 const executablePath = process.env.CHROMIUM;
 const skip = executablePath ? false : "chromium not installed (scripts/test.sh installs it)";
@@ -256,6 +256,113 @@ test("pagehide closes the socket so the page enters the back/forward cache; page
     await waitFor(async () => (await active()) === 1, "socket open again");
   } finally {
     await bf.close();
+    await own.stop();
+  }
+});
+
+// A page on another origin (127.0.0.2) than the service (127.0.0.1, which
+// allows it in CORS_ORIGINS), whose WebSockets are blocked: the client falls
+// back to Server-Sent Events and must see the service's refusals as they
+// are (issue 18, defect 8), not as network errors retried forever.
+test("another origin over Server-Sent Events: quota, revocation and a revoked token reach the app as terminal errors", { skip }, async () => {
+  const site = await startPageServer();
+  const own = await startService(redis, { CORS_ORIGINS: site.origin, WEBSOCKET_MAX_CONNECTIONS_PER_USER: "1" });
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  page.setDefaultTimeout(30000);
+  const user = `xo-${process.pid}`;
+  try {
+    await page.goto(`${site.origin}/`);
+    await page.evaluate(async ({ service }) => {
+      const { NotificationClient } = await import("/client.js");
+      class Blocked {
+        constructor() {
+          throw new Error("WebSockets blocked on this network");
+        }
+      }
+      window.clients = {};
+      window.make = (name, userId, token) => {
+        const r = { states: [], errors: [], transports: [] };
+        const c = new NotificationClient({ url: service, userId, getToken: () => token, WebSocket: Blocked, sseAfterFailures: 1, minDelayMs: 20, maxDelayMs: 200 });
+        c.on("state", (s) => r.states.push(s));
+        c.on("error", (e) => r.errors.push(e));
+        c.on("transport", (t) => r.transports.push(t));
+        window.clients[name] = { c, r };
+        c.connect();
+      };
+      window.get = (name) => ({ state: window.clients[name].c.state, transport: window.clients[name].c.transport, ...window.clients[name].r });
+    }, { service: own.http });
+    assert.notEqual(await page.evaluate(() => location.origin), new URL(own.http).origin);
+    const token = mint(user);
+
+    await page.evaluate(({ user, token }) => window.make("first", user, token), { user, token });
+    await waitFor(async () => (await page.evaluate(() => window.get("first"))).state === "open", "the first client open over SSE");
+    assert.equal((await page.evaluate(() => window.get("first"))).transport, "sse");
+
+    // The quota is full: 429 → 4000, terminal, and Retry-After is readable.
+    await page.evaluate(({ user, token }) => window.make("second", user, token), { user, token });
+    await waitFor(async () => (await page.evaluate(() => window.get("second"))).state === "closed", "the second client ended by the quota");
+    const second = await page.evaluate(() => window.get("second"));
+    assert.deepEqual(second.errors.map((e) => [e.code, e.errorCode]), [[4000, "QUOTA_EXCEEDED"]]);
+    const retryAfter = await page.evaluate(async ({ url }) => (await fetch(url)).headers.get("Retry-After"), {
+      url: `${own.http}/sse/v1/status/${user}?token=${token}`,
+    });
+    assert.match(String(retryAfter), /^\d+$/);
+
+    // An operator revokes the user: the open stream ends with 4004, terminal.
+    await revoke(redis, user);
+    await waitFor(async () => (await page.evaluate(() => window.get("first"))).state === "closed", "the first client ended by the revocation");
+    assert.deepEqual((await page.evaluate(() => window.get("first"))).errors.map((e) => [e.code, e.errorCode]), [[4004, "REVOKED"]]);
+
+    // The revoked token again: 401 → 1008 AUTHENTICATION_ERROR, one retry with
+    // getToken's token (the same, still revoked), then terminal.
+    await page.evaluate(({ user, token }) => window.make("revoked", user, token), { user, token });
+    await waitFor(async () => (await page.evaluate(() => window.get("revoked"))).state === "closed", "the revoked token's client ended");
+    const revoked = await page.evaluate(() => window.get("revoked"));
+    assert.deepEqual(revoked.errors.map((e) => [e.code, e.errorCode, e.message]), [[1008, "AUTHENTICATION_ERROR", "token revoked"]]);
+    const refused = await metric(own, 'websocket_connections_rejected_total{reason="token_revoked",transport="sse"}');
+    assert.ok(refused >= 2 && refused <= 4, `${refused} refused stream requests for the revoked token: one retry, not a loop`);
+  } finally {
+    await context.close();
+    await own.stop();
+    await site.close();
+  }
+});
+
+// The client reopens its own stream (liveness check; a token refresh does
+// the same) while the service still counts the old one against a quota of
+// one: here a proxy that notices the dropped request late holds it open.
+test("a reopened stream that finds the quota still holding its old one retries, and opens once the old one is gone", { skip }, async () => {
+  const own = await startService(redis, { JWT_SECRET_KEY: "", WEBSOCKET_MAX_CONNECTIONS_PER_USER: "1" });
+  const proxy = await startFilteringProxy(own);
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  page.setDefaultTimeout(30000);
+  const quota = 'websocket_connections_rejected_total{reason="quota_exceeded",transport="sse"}';
+  try {
+    await page.goto(`${proxy.url}/demo`);
+    await page.evaluate(async () => {
+      const { NotificationClient } = await import("/demo/client.js");
+      const getToken = async () => (await (await fetch("/demo/token", { method: "POST", body: JSON.stringify({ user: "reopen" }) })).json()).token;
+      window.errors = [];
+      window.c = new NotificationClient({ url: location.origin, userId: "reopen", getToken, sseAfterFailures: 1, minDelayMs: 1000, maxDelayMs: 4000, random: () => 1 });
+      window.c.on("error", (e) => window.errors.push(e));
+      window.c.connect();
+    });
+    await waitFor(() => page.evaluate(() => window.c.transport === "sse" && window.c.state === "open"), "open over SSE", 30000);
+    proxy.hold(true);
+    const before = await metric(own, quota);
+    await page.evaluate(() => window.c.checkLiveness());
+    // The new stream and the client's look at its status both meet the old one.
+    await waitFor(async () => (await metric(own, quota)) >= before + 2, "the reopened stream refused by the quota");
+    proxy.hold(false);
+    proxy.release();
+    await waitFor(() => page.evaluate(() => window.c.state === "open" || window.c.state === "closed"), "open or closed", 30000);
+    assert.deepEqual(await page.evaluate(() => window.errors), []);
+    assert.equal(await page.evaluate(() => window.c.state), "open");
+  } finally {
+    await context.close();
+    await proxy.close();
     await own.stop();
   }
 });

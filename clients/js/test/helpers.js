@@ -4,7 +4,7 @@
 // (clients/js/js_test.go) runs all of this inside a PID namespace as well.
 import { spawn, execFile } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import http from "node:http";
 import net from "node:net";
 import os from "node:os";
@@ -151,6 +151,42 @@ export async function publish(redis, user, event, data = {}) {
   return stdout.trim().split(" ")[1];
 }
 
+/**
+ * A static page server on 127.0.0.2: another origin than the service's
+ * (127.0.0.1), serving an empty page at / and the client library at
+ * /client.js.
+ */
+export async function startPageServer() {
+  const lib = readFileSync(new URL("../src/index.js", import.meta.url));
+  const server = http.createServer((req, res) => {
+    if (req.url === "/client.js") {
+      res.writeHead(200, { "Content-Type": "text/javascript" });
+      return res.end(lib);
+    }
+    res.writeHead(200, { "Content-Type": "text/html" });
+    res.end("<!doctype html><title>another origin</title>");
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.2", r));
+  return {
+    origin: `http://127.0.0.2:${server.address().port}`,
+    close: () => new Promise((r) => (server.closeAllConnections(), server.close(r))),
+  };
+}
+
+/** Runs `websocket-service disconnect --user user --revoke`. */
+export async function revoke(redis, user) {
+  await promisify(execFile)(BIN, ["disconnect", "--user", user, "--revoke"], { env: { ...process.env, REDIS_URL: redis.url } });
+}
+
+/** A counter of the service's /metrics, by its name and labels as written there. */
+export async function metric(svc, series) {
+  const text = await (await fetch(`${svc.http}/metrics`)).text();
+  for (const line of text.split("\n")) {
+    if (line.startsWith(series + " ")) return Number(line.slice(series.length + 1));
+  }
+  return 0;
+}
+
 /** Records what a client emits. */
 export function record(client) {
   const r = { notifications: [], states: [], errors: [], resyncs: [] };
@@ -164,17 +200,26 @@ export function record(client) {
 /**
  * An HTTP/1.1 proxy in front of the service, like a school or corporate
  * filter: it passes plain requests (streaming the responses) and refuses
- * WebSocket upgrades until allowUpgrades(true).
+ * WebSocket upgrades until allowUpgrades(true). When the browser drops a
+ * request it ends the request to the service too, unless hold(true): then,
+ * like a proxy or load balancer that notices late, it keeps those until
+ * release().
  */
 export async function startFilteringProxy(target) {
   const sockets = new Set();
+  const held = new Set();
   let upgrades = false;
+  let holding = false;
   const server = http.createServer((req, res) => {
-    const up = http.request({ host: "127.0.0.1", port: target.port, path: req.url, method: req.method, headers: req.headers }, (r) => {
+    const up = http.request({ host: "127.0.0.1", port: target.port, path: req.url, method: req.method, headers: req.headers, agent: false }, (r) => {
       res.writeHead(r.statusCode, r.headers);
       r.pipe(res);
     });
     up.on("error", () => res.destroy());
+    res.on("close", () => {
+      if (holding) held.add(up);
+      else up.destroy();
+    });
     req.pipe(up);
   });
   server.on("connection", (s) => {
@@ -203,7 +248,16 @@ export async function startFilteringProxy(target) {
   return {
     url: `http://127.0.0.1:${port}`,
     allowUpgrades: (b) => (upgrades = b),
+    hold: (b) => (holding = b),
+    /** Ends the held requests to the service; resolves with how many there were. */
+    release: () => {
+      const n = held.size;
+      for (const up of held) up.destroy();
+      held.clear();
+      return n;
+    },
     close: async () => {
+      for (const up of held) up.destroy();
       for (const s of sockets) s.destroy();
       await new Promise((r) => server.close(r));
     },

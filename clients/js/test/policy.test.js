@@ -263,3 +263,38 @@ test("only a pong answers the ping: other frames arriving meanwhile do not keep 
     c.dispose();
   }
 });
+
+test("4000 right after the client closed a connection itself is retried with backoff: the server may still count the old one", async () => {
+  // Connection 1 never answers the ping: the client drops it and reconnects.
+  // Connection 2 finds the quota still holding connection 1 (the server has
+  // not processed its close yet): 4000. Connection 3 is let in.
+  const srv = await scripted((ws, n) => {
+    if (n === 2) ws.close(4000, reason(4000, "QUOTA_EXCEEDED"));
+    if (n >= 3) ws.on("message", (m) => JSON.parse(String(m)).type === "ping" && ws.send(JSON.stringify({ event: "pong", data: {} })));
+  });
+  const errors = [];
+  const c = new NotificationClient({ url: srv.url, WebSocket, userId: "u", getToken: () => mint("u"), idleMs: 100, pongTimeoutMs: 150, checkMs: 20, minDelayMs: 1, maxDelayMs: 1 });
+  c.on("error", (e) => errors.push(e));
+  c.connect();
+  try {
+    await waitFor(() => srv.seen.length >= 3 && c.state === "open", "open on the third connection");
+    assert.deepEqual(errors, []);
+  } finally {
+    c.dispose();
+  }
+});
+
+test("4000 long after the client's own close (quotaGraceMs) is terminal again", async () => {
+  const srv = await scripted((ws, n) => n === 2 && ws.close(4000, reason(4000, "QUOTA_EXCEEDED")));
+  const errors = [];
+  const c = new NotificationClient({ url: srv.url, WebSocket, userId: "u", getToken: () => mint("u"), idleMs: 100, pongTimeoutMs: 150, checkMs: 20, minDelayMs: 1, maxDelayMs: 1, quotaGraceMs: 0 });
+  c.on("error", (e) => errors.push(e));
+  c.connect();
+  try {
+    await waitFor(() => c.state === "closed", "closed by the 4000");
+    assert.deepEqual(errors.map((e) => [e.code, e.errorCode]), [[4000, "QUOTA_EXCEEDED"]]);
+    assert.equal(srv.seen.length, 2);
+  } finally {
+    c.dispose();
+  }
+});
