@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from huleedu_websocket import Publisher, SyncPublisher
+from huleedu_websocket import Publisher, SyncPublisher, _core
 
 from .conftest import do
 
@@ -145,3 +145,24 @@ BAD_OPTIONS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
 def test_options_refused(cls: type[Publisher] | type[SyncPublisher], name: str, opts: dict[str, Any], exc: type[Exception], match: str) -> None:
     with pytest.raises(exc, match=match):
         cls(Untouchable(), **opts)
+
+
+# Key names computed by Go's notify.HistoryKey / RevocationKey: a user id
+# with "}" gets a tag hashing to the channel's slot, others keep "{<channel>}".
+@pytest.mark.parametrize(
+    ("user", "history", "revocation"),
+    [
+        ("u1", "{ws:u1}:h", "{ws:u1}:r"),
+        ("p{q", "{ws:p{q}:h", "{ws:p{q}:r"),
+        ("a}b{c", "{15x}ws:a}b{c:h", "{15x}ws:a}b{c:r"),
+        ("x{y}", "{y}ws:x{y}:h", "{y}ws:x{y}:r"),
+        ("}{", "{64u}ws:}{:h", "{64u}ws:}{:r"),
+        ("ü{ß}", "{5iq}ws:ü{ß}:h", "{5iq}ws:ü{ß}:r"),
+    ],
+)
+def test_key_names_match_go(user: str, history: str, revocation: str) -> None:
+    ch = _core.channel("ws", user)
+    assert _core.history_key(ch) == history
+    assert _core.revocation_key(ch) == revocation
+    assert _core.key_slot(_core.meta_key(ch)) == _core.key_slot(ch)
+    assert _core.key_slot(_core.idempotency_key_name(ch, "k")) == _core.key_slot(ch)

@@ -9,6 +9,8 @@ silently and only count it)."""
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import math
@@ -63,25 +65,78 @@ def channel(prefix: str, user_id: str) -> str:
     return prefix + ":" + user_id
 
 
+def _crc16(data: bytes) -> int:
+    """CRC-16/XMODEM, the checksum Redis Cluster hashes with."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) & 0xFFFF if crc & 0x8000 else (crc << 1) & 0xFFFF
+    return crc
+
+
+def key_slot(name: str) -> int:
+    """Redis Cluster's slot of a key or shard channel name (its hash tag, if any)."""
+    raw = name.encode()
+    i = raw.find(b"{")
+    if i >= 0:
+        j = raw.find(b"}", i + 1)
+        if j > i + 1:
+            raw = raw[i + 1 : j]
+    return _crc16(raw) % 16384
+
+
+def _base36(n: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, d = divmod(n, 36)
+        out = digits[d] + out
+        if n == 0:
+            return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _slot_tag(slot: int) -> str:
+    """The first base-36 number that hashes to slot (as notify's slotTag)."""
+    n = 0
+    while True:
+        tag = _base36(n)
+        if _crc16(tag.encode()) % 16384 == slot:
+            return tag
+        n += 1
+
+
+def _hash_tag(ch: str) -> str:
+    """The "{...}" that starts the names of a channel's keys, so that they live
+    in the channel's slot: "{<channel>}" for a channel without "}" (every
+    existing history's names), else "{<t>}<channel>" with t a short tag
+    hashing to the channel's slot (a "}" would end the tag early). The same
+    names as notify.HistoryKey in Go."""
+    if "}" not in ch:
+        return "{" + ch + "}"
+    return "{" + _slot_tag(key_slot(ch)) + "}" + ch
+
+
 def history_key(ch: str) -> str:
-    """The channel's history list; the channel is the hash tag, so every key of
-    a user lives in the channel's slot (one script call, one cluster node)."""
-    return "{" + ch + "}:h"
+    """The channel's history list, in the channel's slot (one script call, one
+    cluster node)."""
+    return _hash_tag(ch) + ":h"
 
 
 def meta_key(ch: str) -> str:
     """The history's epoch and newest offset."""
-    return "{" + ch + "}:m"
+    return _hash_tag(ch) + ":m"
 
 
 def idempotency_key_name(ch: str, key: str) -> str:
     """Marks a publish done under an idempotency key."""
-    return "{" + ch + "}:i:" + key
+    return _hash_tag(ch) + ":i:" + key
 
 
 def revocation_key(ch: str) -> str:
     """The user's revocation time (unix seconds)."""
-    return "{" + ch + "}:r"
+    return _hash_tag(ch) + ":r"
 
 
 @dataclass(frozen=True)
