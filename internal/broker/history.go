@@ -296,8 +296,15 @@ func (h *History) RevokedAt(ctx context.Context, users []string) ([]int64, error
 	for i, u := range users {
 		cmds[i] = c.B().Get().Key(notify.RevocationKey(notify.Channel(h.prefix, u))).Build()
 	}
+	results := c.DoMulti(ctx, cmds...)
+	// The client has retries disabled, and a command connection that was
+	// cut (CLIENT KILL, a proxy's idle timeout) fails its next commands
+	// once: GET is idempotent, so read once more on a fresh connection.
+	if slices.ContainsFunc(results, func(r rueidis.RedisResult) bool { return r.NonRedisError() != nil }) && ctx.Err() == nil {
+		results = c.DoMulti(ctx, cmds...)
+	}
 	out := make([]int64, len(users))
-	for i, res := range c.DoMulti(ctx, cmds...) {
+	for i, res := range results {
 		n, err := res.AsInt64()
 		if rueidis.IsRedisNil(err) {
 			continue
