@@ -334,3 +334,22 @@ func TestUnconfirmedRevocationIsBounded(t *testing.T) {
 		}
 	}
 }
+
+// TestHeldSessionShutdown: a graceful shutdown closes a session held for
+// its revocation check with 1001 at once, without writing its queue.
+func TestHeldSessionShutdown(t *testing.T) {
+	st, proxy := historyBehindProxy(t, func(c *stackConfig) { c.gw.RevocationHold = time.Hour })
+	proxy.setCut(true)
+	ws := st.dial("u").readAll()
+	eventually(t, 10*time.Second, "session registered", func() bool { return st.hub.Count() == 1 })
+	st.publish("u", ownerOnly)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := st.gw.CloseAll(ctx); err != nil {
+		t.Fatalf("CloseAll: %v (a held session never closed)", err)
+	}
+	eventually(t, 30*time.Second, "closed", func() bool { return ws.err() != nil })
+	if code, ec, _ := closeOf(ws); code != 1001 || ec != "SERVER_SHUTDOWN" || ws.count("for_the_owner_only") > 0 {
+		t.Fatalf("held session at shutdown: closed %d %s after %d notifications (%v)", code, ec, ws.count("for_the_owner_only"), ws.err())
+	}
+}

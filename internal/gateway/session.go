@@ -321,6 +321,11 @@ func (s *session) closeAfterQueue(err error) {
 		s.mu.Unlock()
 		return
 	}
+	if s.unconfirmed { // its queue may not be written: close at once
+		s.mu.Unlock()
+		s.closeWith(err)
+		return
+	}
 	if s.hold != nil {
 		s.releaseHoldLocked(nil) // nothing accepted before the shutdown is lost
 	}
