@@ -164,6 +164,11 @@ func TestRevokedTokenWhileCommandConnectionDown(t *testing.T) {
 	if later.err() != nil || bystander.err() != nil {
 		t.Fatalf("closed: later %v, bystander %v", later.err(), bystander.err())
 	}
+	for outcome, want := range map[string]float64{"held": 3, "revoked": 2, "confirmed": 1, "unchecked": 0} {
+		if got := testutil.ToFloat64(st.m.RevocationChecks.WithLabelValues(outcome)); got != want {
+			t.Fatalf("websocket_revocation_checks_total{outcome=%q} = %v, want %v", outcome, got, want)
+		}
+	}
 }
 
 // TestRevocationCheckAfterClientKill reproduces issue 18's report: only
