@@ -28,3 +28,4 @@ func TestRevokedAtSurvivesAKilledConnection(t *testing.T) {
 		}
 	}
 }
+

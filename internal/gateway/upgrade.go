@@ -102,7 +102,7 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 
 // reject completes the handshake on the request's own goroutine, sends the
 // close frame for err, waits briefly for the client's reply and closes.
-// Nothing was subscribed.
+// Nothing is subscribed (any more).
 func (g *Gateway) reject(w http.ResponseWriter, r *http.Request, err error) {
 	reason := closeFor(err)
 	g.m.ConnectionsRejected.WithLabelValues(metrics.TransportWebSocket, reason.Metric).Inc()
