@@ -28,4 +28,3 @@ func TestRevokedAtSurvivesAKilledConnection(t *testing.T) {
 		}
 	}
 }
-
