@@ -184,13 +184,12 @@ func (g *Gateway) serveSSE(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	g.m.ActiveConnections.WithLabelValues(metrics.TransportSSE).Inc()
-	recheck := g.recheckRevoked(r.Context(), s, id, confirmed)
-	g.resume(r.Context(), s, since)
-	if err := recheck(); err != nil {
+	if err := g.recheckRevoked(r.Context(), s, id, confirmed); err != nil {
 		g.remove(s)
 		g.refuseSSEWith(w, err)
 		return
 	}
+	g.resume(r.Context(), s, since)
 
 	conn, _, err := hj.Hijack()
 	if err != nil {

@@ -76,17 +76,16 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 	}
 	g.m.ActiveConnections.WithLabelValues(metrics.TransportWebSocket).Inc()
 	// Subscribed: whatever is published from now on reaches s, so reading
-	// the history (and the revocation) now leaves no gap.
-	recheck := g.recheckRevoked(r.Context(), s, id, confirmed)
+	// the revocation and the history now leaves no gap.
+	if err := g.recheckRevoked(r.Context(), s, id, confirmed); err != nil {
+		g.remove(s)
+		g.reject(w, r, err)
+		return
+	}
 	if resume {
 		g.resume(r.Context(), s, since[0])
 	} else {
 		g.position(r.Context(), s)
-	}
-	if err := recheck(); err != nil {
-		g.remove(s)
-		g.reject(w, r, err)
-		return
 	}
 	conn, err := g.upgrader.UpgradeAndTransferConnToPoller(w, r, nil)
 	if err != nil {
