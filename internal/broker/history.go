@@ -308,12 +308,22 @@ func (h *History) RevokedAt(ctx context.Context, users []string) ([]int64, error
 	if err != nil {
 		return nil, err
 	}
-	cmds := make(rueidis.Commands, len(users))
-	for i, u := range users {
-		cmds[i] = c.B().Get().Key(notify.RevocationKey(notify.Channel(h.prefix, u))).Build()
+	read := func() []rueidis.RedisResult {
+		cmds := make(rueidis.Commands, len(users)) // built anew each time: rueidis recycles sent commands
+		for i, u := range users {
+			cmds[i] = c.B().Get().Key(notify.RevocationKey(notify.Channel(h.prefix, u))).Build()
+		}
+		return c.DoMulti(ctx, cmds...)
+	}
+	results := read()
+	// The client has retries disabled, and a command connection that was
+	// cut (CLIENT KILL, a proxy's idle timeout) fails its next commands
+	// once: GET is idempotent, so read once more on a fresh connection.
+	if slices.ContainsFunc(results, func(r rueidis.RedisResult) bool { return r.NonRedisError() != nil }) && ctx.Err() == nil {
+		results = read()
 	}
 	out := make([]int64, len(users))
-	for i, res := range c.DoMulti(ctx, cmds...) {
+	for i, res := range results {
 		n, err := res.AsInt64()
 		if rueidis.IsRedisNil(err) {
 			continue

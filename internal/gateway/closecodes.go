@@ -25,6 +25,9 @@ var (
 	errRefreshFailed = errors.New("refresh token invalid")
 	errInternal      = errors.New("internal error")
 	errTokenRevoked  = errors.New("token revoked")
+	// errRevocationUnchecked: Redis could not be read to confirm that the
+	// token is not revoked within Options.RevocationHold.
+	errRevocationUnchecked = errors.New("revocation could not be checked")
 )
 
 // revokedError is an operator's disconnect (notify.Disconnect): 4004 with
@@ -70,12 +73,13 @@ var (
 	reasonSlow           = newReason(4002, "SLOW_CONSUMER", "outbound queue overflowed", "slow_consumer")
 	reasonRateLimited    = newReason(4003, "RATE_LIMITED", "too many frames from client", "rate_limited")
 	reasonTokenRevoked   = newReason(1008, "AUTHENTICATION_ERROR", "token revoked", "token_revoked")
+	reasonUnchecked      = newReason(1013, "REVOCATION_UNCHECKED", "redis could not confirm the token is not revoked; retry", "revocation_unchecked")
 )
 
 // closeTable lists every row, for metrics and documentation checks.
 var closeTable = []*closeReason{reasonAuthentication, reasonAuthorization, reasonQuota, reasonBusy, reasonSubscribeSlow,
 	reasonUnsupported, reasonTooBig, reasonIdle, reasonShutdown, reasonInternal, reasonExpired, reasonSlow,
-	reasonRateLimited, reasonTokenRevoked, revokedReason("")}
+	reasonRateLimited, reasonTokenRevoked, reasonUnchecked, revokedReason("")}
 
 // revokedReason is the 4004 row with the operator's reason in the message,
 // cut (at a rune boundary) to fit the 123-byte close reason.
@@ -130,6 +134,8 @@ func closeFor(err error) *closeReason {
 		return reasonRateLimited
 	case errors.Is(err, errTokenRevoked):
 		return reasonTokenRevoked
+	case errors.Is(err, errRevocationUnchecked):
+		return reasonUnchecked
 	default:
 		return reasonInternal
 	}

@@ -58,6 +58,14 @@ type Options struct {
 	// for repair after a Redis outage; nil answers every since with
 	// resume.incomplete "unavailable".
 	History *broker.History
+	// RevocationHold bounds how long a session whose token's revocation
+	// could not be read waits, written nothing, for Redis to confirm it
+	// (default 10s); then it is closed with 1013 REVOCATION_UNCHECKED.
+	RevocationHold time.Duration
+
+	// beforeSubscribe, a test seam (nil in production), runs during a
+	// handshake between the revocation check and the subscription.
+	beforeSubscribe func(user string)
 }
 
 // Gateway serves the WebSocket and health endpoints.
@@ -79,9 +87,10 @@ type Gateway struct {
 
 	onText func([]byte) // test hook, nil in production
 
-	repairs *repairQueue
-	stop    chan struct{} // ends the sweeper and the repair loop
-	wg      sync.WaitGroup
+	repairs  *repairQueue
+	confirms *confirmQueue // sessions whose revocation is not confirmed yet (revocation.go)
+	stop     chan struct{} // ends the sweeper and the repair loop
+	wg       sync.WaitGroup
 }
 
 // New builds a Gateway and starts its engine, writers and sweeper; Shutdown
@@ -93,6 +102,9 @@ func New(opts Options, h *hub.Hub, b broker.Broker, auth *jwtauth.Validator, m *
 	if opts.SubscribeWait <= 0 {
 		opts.SubscribeWait = 5 * time.Second
 	}
+	if opts.RevocationHold <= 0 {
+		opts.RevocationHold = 10 * time.Second
+	}
 	if opts.SweepInterval <= 0 {
 		opts.SweepInterval = 250 * time.Millisecond
 	}
@@ -101,6 +113,7 @@ func New(opts Options, h *hub.Hub, b broker.Broker, auth *jwtauth.Validator, m *
 		handshake: make(chan struct{}, max(opts.MaxHandshakes, 1)),
 		started:   time.Now(),
 		repairs:   &repairQueue{wake: make(chan struct{}, 1)},
+		confirms:  &confirmQueue{wake: make(chan struct{}, 1)},
 		stop:      make(chan struct{}),
 	}
 	g.initMetrics()
@@ -137,6 +150,7 @@ func New(opts Options, h *hub.Hub, b broker.Broker, auth *jwtauth.Validator, m *
 	g.writers = newWriterPool(runtime.GOMAXPROCS(0))
 	g.wg.Go(g.sweep)
 	g.wg.Go(g.repairLoop)
+	g.wg.Go(g.confirmLoop)
 	return g, nil
 }
 

@@ -517,6 +517,7 @@ func (g *Gateway) closeRevoked(batch []*session) []*session {
 		}
 	}
 	revoked := make([]int64, len(users))
+	unread := make([]bool, len(users))
 	for i := 0; i < len(users); i += repairBatch {
 		end := min(i+repairBatch, len(users))
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -524,12 +525,18 @@ func (g *Gateway) closeRevoked(batch []*session) []*session {
 		cancel()
 		if err != nil {
 			g.m.RevocationChecks.WithLabelValues("unavailable").Add(float64(end - i))
+			for j := i; j < end; j++ {
+				unread[j] = true
+			}
 			continue
 		}
 		copy(revoked[i:end], at)
 	}
 	keep := batch[:0]
 	for _, s := range batch {
+		if unread[seen[s.user]] {
+			g.holdUnconfirmed(s) // repaired, but written nothing until confirmed (revocation.go)
+		}
 		at := revoked[seen[s.user]]
 		if at > 0 && s.Disconnect("token revoked", at) {
 			g.m.RevocationChecks.WithLabelValues("revoked").Inc()

@@ -57,6 +57,9 @@ type session struct {
 	toldDown     bool   // the client was told connection.degraded
 	clientClosed bool   // the client sent the close frame
 	sse          bool   // a Server-Sent Events stream (sse.go), not a WebSocket
+	// unconfirmed: the token's revocation could not be read; nothing is
+	// written (frames wait in the queue) until revocation.go confirms it.
+	unconfirmed bool
 	// lastID is the newest history id this connection has (nil: unknown),
 	// where a repair after a Redis outage starts from.
 	lastID *notify.ID
@@ -284,7 +287,7 @@ func (s *session) needScheduleLocked() bool {
 	if !s.attached || s.scheduled || s.closed {
 		return false
 	}
-	if s.closeNow == nil && !s.wantPing && ((s.queue.len() == 0 && s.backlog == nil && s.pong == nil) || s.stalled.Load()) {
+	if s.closeNow == nil && !s.wantPing && ((s.queue.len() == 0 && s.backlog == nil && s.pong == nil) || s.stalled.Load() || (s.unconfirmed && s.pong == nil)) {
 		return false
 	}
 	s.scheduled = true
@@ -337,6 +340,11 @@ func (s *session) closeAfterQueue(err error) {
 	s.mu.Lock()
 	if s.closing || s.closed {
 		s.mu.Unlock()
+		return
+	}
+	if s.unconfirmed { // its queue may not be written: close at once
+		s.mu.Unlock()
+		s.closeWith(err)
 		return
 	}
 	if s.hold != nil {
@@ -428,6 +436,11 @@ func (s *session) run() {
 			s.mu.Unlock()
 			s.writeControl(websocket.PingMessage, nil)
 			continue
+		}
+		if s.unconfirmed && s.pong == nil {
+			s.scheduled = false // the queue waits for the revocation check
+			s.mu.Unlock()
+			return
 		}
 		if s.backlog != nil {
 			s.feedLocked()

@@ -156,7 +156,7 @@ func (g *Gateway) serveSSE(w http.ResponseWriter, r *http.Request) {
 		g.refuseSSEWith(w, errWrongClient)
 		return
 	}
-	revokedAt, err := g.checkRevoked(r.Context(), id)
+	revokedAt, confirmed, err := g.checkRevoked(r.Context(), id)
 	if err != nil {
 		g.refuseSSEWith(w, err)
 		return
@@ -173,9 +173,13 @@ func (g *Gateway) serveSSE(w http.ResponseWriter, r *http.Request) {
 	if v, ok := r.Header["Last-Event-Id"]; ok && len(v) > 0 {
 		since = v[0]
 	}
+	if g.opts.beforeSubscribe != nil {
+		g.opts.beforeSubscribe(id.UserID)
+	}
 	s := newSession(g, id, revokedAt)
 	s.sse = true
 	s.hold = &holdState{}
+	s.unconfirmed = !confirmed // held from the first frame on (revocation.go)
 	ctx, cancel := context.WithTimeout(r.Context(), g.opts.SubscribeWait)
 	err = g.hub.Add(ctx, id.UserID, s)
 	cancel()
@@ -184,6 +188,11 @@ func (g *Gateway) serveSSE(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	g.m.ActiveConnections.WithLabelValues(metrics.TransportSSE).Inc()
+	if err := g.recheckRevoked(r.Context(), s, id, confirmed); err != nil {
+		g.remove(s)
+		g.refuseSSEWith(w, err)
+		return
+	}
 	g.resume(r.Context(), s, since)
 
 	conn, _, err := hj.Hijack()

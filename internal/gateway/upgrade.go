@@ -53,12 +53,16 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 		g.reject(w, r, errWrongClient)
 		return
 	}
-	revokedAt, err := g.checkRevoked(r.Context(), id)
+	revokedAt, confirmed, err := g.checkRevoked(r.Context(), id)
 	if err != nil {
 		g.reject(w, r, err)
 		return
 	}
+	if g.opts.beforeSubscribe != nil {
+		g.opts.beforeSubscribe(id.UserID)
+	}
 	s := newSession(g, id, revokedAt)
+	s.unconfirmed = !confirmed // held from the first frame on (revocation.go)
 	since, resume := r.URL.Query()["since"]
 	if resume {
 		s.hold = &holdState{} // live frames wait behind the replay
@@ -72,7 +76,12 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 	}
 	g.m.ActiveConnections.WithLabelValues(metrics.TransportWebSocket).Inc()
 	// Subscribed: whatever is published from now on reaches s, so reading
-	// the history now leaves no gap.
+	// the revocation and the history now leaves no gap.
+	if err := g.recheckRevoked(r.Context(), s, id, confirmed); err != nil {
+		g.remove(s)
+		g.reject(w, r, err)
+		return
+	}
 	if resume {
 		g.resume(r.Context(), s, since[0])
 	} else {
@@ -90,33 +99,9 @@ func (g *Gateway) serveWS(w http.ResponseWriter, r *http.Request) {
 	g.lastOpen.Store(time.Now().UnixNano())
 }
 
-// checkRevoked refuses a token issued at or before the user's revocation
-// (notify.Disconnect with Revoke) and returns the revocation time. When
-// Redis cannot be read the token is accepted (the connection receives
-// nothing until Redis is back, and the repair then checks again).
-func (g *Gateway) checkRevoked(ctx context.Context, id jwtauth.Identity) (int64, error) {
-	if g.opts.History == nil {
-		return 0, nil
-	}
-	ctx, cancel := context.WithTimeout(ctx, g.opts.SubscribeWait)
-	defer cancel()
-	at, err := g.opts.History.RevokedAt(ctx, []string{id.UserID})
-	switch {
-	case err != nil:
-		g.m.RevocationChecks.WithLabelValues("unavailable").Inc()
-		return 0, nil
-	case at[0] > 0 && issuedAt(id) <= at[0]:
-		g.m.RevocationChecks.WithLabelValues("revoked").Inc()
-		return 0, errTokenRevoked
-	default:
-		g.m.RevocationChecks.WithLabelValues("ok").Inc()
-		return at[0], nil
-	}
-}
-
 // reject completes the handshake on the request's own goroutine, sends the
 // close frame for err, waits briefly for the client's reply and closes.
-// Nothing was subscribed.
+// Nothing is subscribed (any more).
 func (g *Gateway) reject(w http.ResponseWriter, r *http.Request, err error) {
 	reason := closeFor(err)
 	g.m.ConnectionsRejected.WithLabelValues(metrics.TransportWebSocket, reason.Metric).Inc()

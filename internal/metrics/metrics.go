@@ -32,7 +32,7 @@ type Metrics struct {
 	Replayed            prometheus.Counter
 	Repairs             *prometheus.CounterVec // outcome: complete, incomplete
 	Disconnects         prometheus.Counter
-	RevocationChecks    *prometheus.CounterVec // outcome: ok, revoked, unavailable
+	RevocationChecks    *prometheus.CounterVec // outcome: ok, revoked, unavailable, held, confirmed, unchecked
 }
 
 // Transports, the values of the transport label.
@@ -99,7 +99,7 @@ func New() *Metrics {
 		Disconnects: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "websocket_disconnect_commands_total", Help: "Disconnect control messages received for users with connections here."}),
 		RevocationChecks: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "websocket_revocation_checks_total", Help: "Token revocation lookups at handshake and repair, by outcome (ok, revoked, unavailable)."}, []string{"outcome"}),
+			Name: "websocket_revocation_checks_total", Help: "Token revocation lookups and decisions at handshake, after outages and for held sessions, by outcome (ok, revoked, unavailable, held, confirmed, unchecked)."}, []string{"outcome"}),
 	}
 	for _, c := range []prometheus.Collector{m.ActiveConnections, m.ConnectionsLimit, m.ConnectionsOpened, m.ConnectionsRejected,
 		m.ConnectionsClosed, m.MessagesReceived, m.MessagesDelivered, m.MessagesDropped, m.Subscriptions,
@@ -112,7 +112,7 @@ func New() *Metrics {
 	m.Init(m.MessagesDropped, DropInvalidJSON, DropTooLarge, DropNoConnection, DropSlowConsumer, DropClosed)
 	m.Init(m.JWTValidations, "valid", "invalid", "expired", "missing")
 	m.Init(m.Repairs, "complete", "incomplete")
-	m.Init(m.RevocationChecks, "ok", "revoked", "unavailable")
+	m.Init(m.RevocationChecks, "ok", "revoked", "unavailable", "held", "confirmed", "unchecked")
 	for _, t := range Transports {
 		m.ActiveConnections.WithLabelValues(t)
 		m.ConnectionsOpened.WithLabelValues(t)
