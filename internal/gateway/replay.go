@@ -23,6 +23,10 @@ type holdState struct {
 	held   []*hub.Message
 	repair bool   // a repair (else a resume at connect)
 	gen    uint32 // the repair it belongs to
+	// since, on a repair hold, is what a client that connected with since
+	// while the link was down sent (deferResume): its resume is done by the
+	// repair once the link is back. Nil otherwise.
+	since *string
 }
 
 // replayOut is what a finished replay puts around the held frames.
@@ -132,13 +136,13 @@ const historyWait = 2 * time.Second
 // subscription is confirmed and before the upgrade response: the replay is
 // the first thing the client receives.
 func (g *Gateway) resume(ctx context.Context, s *session, since string) {
-	s.mu.Lock()
-	down := s.toldDown
-	s.mu.Unlock()
+	if g.deferResume(s, since) {
+		return
+	}
 	out := &replayOut{}
 	var rep broker.Replay
 	switch {
-	case g.opts.History == nil || down:
+	case g.opts.History == nil:
 		rep.Reason = broker.ReasonUnavailable
 	case since == "": // a client that has seen nothing yet: only its position
 		if id, ok := g.newest(ctx, s.user); ok {
@@ -173,6 +177,35 @@ func (g *Gateway) resume(ctx context.Context, s *session, since string) {
 		g.m.Resumes.WithLabelValues(rep.Reason).Inc()
 	}
 	s.finishHold(false, 0, out)
+}
+
+// deferResume turns the resume of a client that connects while the link is
+// down (Redis unreachable, or still loading its data) into a repair: the
+// client is told connection.degraded now, and once the link is back (history
+// readable) the repair sends the replay from since (or resume.incomplete),
+// resume.position and connection.restored. Answering now could only say
+// "unavailable" and lose the client's position. It reports whether it did.
+func (g *Gateway) deferResume(s *session, since string) bool {
+	s.mu.Lock()
+	if g.opts.History == nil || !s.toldDown || s.hold == nil || s.hold.repair || s.closing {
+		s.mu.Unlock()
+		return false
+	}
+	// The resume hold keeps connection.degraded (a frame of the gateway's
+	// own): queue it, then hold live frames for the repair.
+	if !s.releaseHoldLocked(nil) {
+		s.mu.Unlock()
+		s.gw.m.MessagesDropped.WithLabelValues("slow_consumer").Inc()
+		s.closeWith(errSlowConsumer)
+		return true
+	}
+	s.hold = &holdState{repair: true, gen: s.repairGen, since: &since}
+	sched := s.needScheduleLocked()
+	s.mu.Unlock()
+	if sched {
+		s.writer.schedule(s)
+	}
+	return true
 }
 
 // newest reads the newest id of user's history (emptyHistory: none).
@@ -273,6 +306,10 @@ func (g *Gateway) repair(batch []*session) {
 		gen   uint32
 		since notify.ID
 		key   string
+		// resume: the client connected with this since while the link was
+		// down (deferResume); nil for a connection repaired after an outage.
+		resume *string
+		valid  bool // resume parses (the empty position included)
 	}
 	batch = g.closeRevoked(batch)
 	jobs := make([]job, 0, len(batch))
@@ -281,12 +318,24 @@ func (g *Gateway) repair(batch []*session) {
 	var since []notify.ID
 	for _, s := range batch {
 		s.mu.Lock()
-		if s.hold == nil || !s.hold.repair || s.lastID == nil {
+		if s.hold == nil || !s.hold.repair || (s.lastID == nil && s.hold.since == nil) {
 			s.mu.Unlock()
 			continue
 		}
-		j := job{s: s, gen: s.hold.gen, since: *s.lastID}
+		j := job{s: s, gen: s.hold.gen, resume: s.hold.since}
+		if s.lastID != nil {
+			j.since = *s.lastID
+		}
 		s.mu.Unlock()
+		if j.resume != nil {
+			// The entries after since; for an empty or invalid since only
+			// the newest id (read with the zero id).
+			id, ok := notify.ParseID(*j.resume)
+			j.valid = ok || *j.resume == notify.EmptyPosition || *j.resume == ""
+			if ok {
+				j.since = id
+			}
+		}
 		j.key = s.user + "\x00" + j.since.String()
 		if _, ok := keys[j.key]; !ok {
 			keys[j.key] = len(topics)
@@ -304,6 +353,10 @@ func (g *Gateway) repair(batch []*session) {
 	now := time.Now()
 	for _, j := range jobs {
 		rep := results[keys[j.key]]
+		if j.resume != nil {
+			j.s.finishHold(true, j.gen, g.deferredResume(now, *j.resume, j.valid, j.since, rep))
+			continue
+		}
 		out := &replayOut{suffix: systemMessage(restoredFrame(now, rep.Reason == ""))}
 		if rep.Reason == "" {
 			base := j.since
@@ -314,6 +367,50 @@ func (g *Gateway) repair(batch []*session) {
 		}
 		j.s.finishHold(true, j.gen, out)
 	}
+}
+
+// deferredResume is what a client that connected with since while the link
+// was down gets once it is back, from rep (the history read after since, or
+// after the zero id when since is empty or invalid): what a resume at
+// connect would have sent, then connection.restored, complete only if the
+// replay was.
+func (g *Gateway) deferredResume(now time.Time, since string, valid bool, id notify.ID, rep broker.Replay) *replayOut {
+	out := &replayOut{}
+	reason := rep.Reason
+	switch {
+	case !valid:
+		reason = broker.ReasonInvalid
+		if rep.Reason != broker.ReasonUnavailable {
+			out.position = positionOf(rep.Newest)
+		}
+	case since == "" && rep.Reason != broker.ReasonUnavailable:
+		// A client that has seen nothing: only its position; what was
+		// published while it waited is unknown to it.
+		out.position, reason = positionOf(rep.Newest), "new"
+	case rep.Reason == "":
+		out.base, out.entries, out.position = &id, rep.Entries, &rep.Last
+		reason = "complete"
+	case rep.Reason != broker.ReasonUnavailable:
+		newest := rep.Newest
+		out.position = &newest
+	}
+	switch reason {
+	case "complete", "new":
+	default:
+		out.prefix = systemMessage(resumeIncompleteFrame(since, reason))
+	}
+	g.m.Resumes.WithLabelValues(reason).Inc()
+	out.suffix = systemMessage(restoredFrame(now, reason == "complete"))
+	return out
+}
+
+// positionOf is where a reader of a history whose newest id is newest
+// stands (emptyHistory: none).
+func positionOf(newest notify.ID) *notify.ID {
+	if newest == (notify.ID{}) {
+		return emptyHistory
+	}
+	return &newest
 }
 
 // closeRevoked closes, after an outage, the sessions whose tokens were
