@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -86,6 +87,8 @@ func TestRestartWhileLoadingIsNotBack(t *testing.T) {
 			}
 			resumer, newcomer := "load-resume-"+mode, "load-new-"+mode
 			seen := publishWithHistory(t, pub, resumer, 1)
+			streamer := "load-stream-" + mode // resumes over Server-Sent Events
+			seenStream := publishWithHistory(t, pub, streamer, 1)
 
 			// Cut this instance off, then store notifications it cannot
 			// receive: acknowledged (fsync always) before the kill.
@@ -97,6 +100,7 @@ func TestRestartWhileLoadingIsNotBack(t *testing.T) {
 				want[i] = append(want[i], publishWithHistory(t, pub, users[i], 3)...)
 			}
 			missed := publishWithHistory(t, pub, resumer, 3)
+			missedStream := publishWithHistory(t, pub, streamer, 3)
 			redis.Kill()
 			if err := redis.RestartLoading(); err != nil {
 				t.Fatal(err)
@@ -115,6 +119,10 @@ func TestRestartWhileLoadingIsNotBack(t *testing.T) {
 				if r.count("resume.incomplete") != 0 {
 					t.Fatalf("%s client during the load: %v", name, r.msgs)
 				}
+			}
+			stream := st.sse(streamer, http.Header{"Last-Event-Id": {seenStream[0]}})
+			if ev := stream.nextData(t); !strings.Contains(ev.Data, `"connection.degraded"`) {
+				t.Fatalf("stream's first event during the load: %q", ev.Data)
 			}
 			if code := health(); code != http.StatusServiceUnavailable {
 				t.Fatalf("/healthz/redis %d during the load, want 503", code)
@@ -158,6 +166,29 @@ func TestRestartWhileLoadingIsNotBack(t *testing.T) {
 				t.Fatalf("new client: %v", fresh.msgs)
 			}
 			t.Logf("all checked after %s", time.Since(start))
+			var streamed []string
+			for {
+				ev := stream.nextData(t)
+				if strings.Contains(ev.Data, `"connection.restored"`) {
+					if !strings.Contains(ev.Data, `"complete":true`) {
+						t.Fatalf("stream restored: %s", ev.Data)
+					}
+					break
+				}
+				switch id := frameID(ev.Data); {
+				case id != "":
+					streamed = append(streamed, id)
+				case strings.Contains(ev.Data, `"resume.position"`):
+					if ev.ID != missedStream[len(missedStream)-1] {
+						t.Fatalf("stream's position %q, want %q", ev.ID, missedStream[len(missedStream)-1])
+					}
+				default:
+					t.Fatalf("stream after the load: %s", ev.Data)
+				}
+			}
+			if fmt.Sprint(streamed) != fmt.Sprint(missedStream) {
+				t.Fatalf("stream replayed %v, want %v", streamed, missedStream)
+			}
 			eventually(t, 20*time.Second, "/healthz/redis 200", func() bool { return health() == http.StatusOK })
 			for name, r := range map[string]*reader{"resuming": resuming, "new": fresh} {
 				if r.err() != nil {
