@@ -61,19 +61,27 @@ func retryDelay(attempt int, err error) time.Duration {
 var errNotReadable = errors.New("redis cannot serve reads yet")
 
 // readable asks c (every node of a cluster client) for a read (DBSIZE: no
-// key, O(1), refused with LOADING while the data set loads) and returns an
-// error wrapping the reply when a node answers with a wait reply (IsWait).
-// Other failures are not this check's verdict (the links and reads judge
-// them), so they pass. It is what "the link is up" waits for: the repair
-// that follows reads history.
+// key, O(1), refused with LOADING while the data set loads), once more when
+// the connection failed (a pooled connection that died with the server
+// fails once), and returns an error wrapping the reply when a node answers
+// with a wait reply (IsWait), or cannot be reached at all unless it is one
+// node of many (a failed cluster node may still be listed: the links and
+// reads judge it). It is what "the link is up" waits for: the repair that
+// follows reads history.
 func readable(ctx context.Context, c rueidis.Client) error {
 	nodes := map[string]rueidis.Client{"": c}
 	if all := c.Nodes(); len(all) > 1 {
 		nodes = all
 	}
 	for _, n := range nodes {
-		if err := n.Do(ctx, n.B().Dbsize().Build()).Error(); IsWait(err) {
+		res := retryBroken(ctx, 1, func([]int) []rueidis.RedisResult {
+			return []rueidis.RedisResult{n.Do(ctx, n.B().Dbsize().Build())}
+		})[0]
+		switch err := res.Error(); {
+		case IsWait(err):
 			return errors.Join(errNotReadable, err)
+		case res.NonRedisError() != nil && len(nodes) == 1:
+			return err
 		}
 	}
 	return nil
