@@ -139,24 +139,16 @@ func (h *History) SinceMany(ctx context.Context, topics []string, since []notify
 		}
 		return out
 	}
-	results := h.script.ExecMulti(ctx, c, execs...)
 	// A connection that died with the server (a restart) fails its next
-	// commands once; scripts are not retried by the client, so retry here.
-	var retry []int
-	for i, res := range results {
-		if res.NonRedisError() != nil {
-			retry = append(retry, i)
+	// commands once, and a Redis still loading its data answers LOADING:
+	// scripts are not retried by the client, so retryWaits does (within ctx).
+	results := retryWaits(ctx, len(execs), func(idx []int) []rueidis.RedisResult {
+		run := make([]rueidis.LuaExec, len(idx))
+		for j, i := range idx {
+			run[j] = execs[i]
 		}
-	}
-	if len(retry) > 0 && ctx.Err() == nil {
-		again := make([]rueidis.LuaExec, len(retry))
-		for j, i := range retry {
-			again[j] = execs[i]
-		}
-		for j, res := range h.script.ExecMulti(ctx, c, again...) {
-			results[retry[j]] = res
-		}
-	}
+		return h.script.ExecMulti(ctx, c, run...)
+	})
 	for i, res := range results {
 		if err := decide(&out[i], res); err != nil {
 			out[i] = Replay{Last: since[i], Reason: ReasonUnavailable}
@@ -173,8 +165,17 @@ func (h *History) Newest(ctx context.Context, topic string) (notify.ID, error) {
 		return notify.ID{}, err
 	}
 	ch := notify.Channel(h.prefix, topic)
-	res := c.DoMulti(ctx, c.B().Hmget().Key(notify.MetaKey(ch)).Field("e", "o").Build(),
-		c.B().Lindex().Key(notify.HistoryKey(ch)).Index(-1).Build())
+	res := retryWaits(ctx, 2, func(idx []int) []rueidis.RedisResult {
+		cmds := make(rueidis.Commands, len(idx))
+		for j, i := range idx {
+			if i == 0 {
+				cmds[j] = c.B().Hmget().Key(notify.MetaKey(ch)).Field("e", "o").Build()
+			} else {
+				cmds[j] = c.B().Lindex().Key(notify.HistoryKey(ch)).Index(-1).Build()
+			}
+		}
+		return c.DoMulti(ctx, cmds...)
+	})
 	meta, err := res[0].ToArray()
 	if err != nil || len(meta) != 2 {
 		return notify.ID{}, fmt.Errorf("read history meta: %w", err)
@@ -308,20 +309,16 @@ func (h *History) RevokedAt(ctx context.Context, users []string) ([]int64, error
 	if err != nil {
 		return nil, err
 	}
-	read := func() []rueidis.RedisResult {
-		cmds := make(rueidis.Commands, len(users)) // built anew each time: rueidis recycles sent commands
-		for i, u := range users {
-			cmds[i] = c.B().Get().Key(notify.RevocationKey(notify.Channel(h.prefix, u))).Build()
+	// A connection that died with the server (or was cut) fails its next
+	// command once: retry that. A wait reply (a Redis loading) is not
+	// waited for here: a handshake must not stall on it.
+	results := retryBroken(ctx, len(users), func(idx []int) []rueidis.RedisResult {
+		cmds := make(rueidis.Commands, len(idx))
+		for j, i := range idx {
+			cmds[j] = c.B().Get().Key(notify.RevocationKey(notify.Channel(h.prefix, users[i]))).Build()
 		}
 		return c.DoMulti(ctx, cmds...)
-	}
-	results := read()
-	// The client has retries disabled, and a command connection that was
-	// cut (CLIENT KILL, a proxy's idle timeout) fails its next commands
-	// once: GET is idempotent, so read once more on a fresh connection.
-	if slices.ContainsFunc(results, func(r rueidis.RedisResult) bool { return r.NonRedisError() != nil }) && ctx.Err() == nil {
-		results = read()
-	}
+	})
 	out := make([]int64, len(users))
 	for i, res := range results {
 		n, err := res.AsInt64()

@@ -253,7 +253,7 @@ func (r *RedisBroker) run() {
 		select {
 		case <-r.life.stop:
 			return
-		case <-time.After(backoff(attempt)):
+		case <-time.After(retryDelay(attempt, err)):
 		}
 	}
 }
@@ -280,6 +280,17 @@ func (r *RedisBroker) connected(onUp func()) error {
 		r.client.Store(c)
 	}
 	client := *c
+	// A restarted Redis accepts SUBSCRIBE while it loads its data set but
+	// answers reads with LOADING: the link is not back (link-up starts the
+	// repair, which reads history) until reads succeed. Until then it counts
+	// as down: connections are held, new ones told degraded, /healthz/redis
+	// fails with the reply.
+	rctx, rcancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout)
+	err := readable(rctx, client)
+	rcancel()
+	if err != nil {
+		return err
+	}
 	dc, cancel := client.Dedicate()
 	defer func() {
 		dc.Close() // never hand a possibly dead connection back to the pool: that would block on it
@@ -302,7 +313,7 @@ func (r *RedisBroker) connected(onUp func()) error {
 
 	ctx, cancelCtx := context.WithTimeout(r.life.ctx, r.opts.ProbeTimeout+5*time.Second)
 	cmds := append(rueidis.Commands{dc.B().Subscribe().Channel(r.probeCh).Build()}, r.subscribeCmds(dc, all)...)
-	err := firstErr(dc.DoMulti(ctx, cmds...))
+	err = firstErr(dc.DoMulti(ctx, cmds...))
 	cancelCtx()
 	if err != nil {
 		return err

@@ -273,7 +273,7 @@ func (r *ShardedRedisBroker) ensure(attempt *int, retryAt *time.Time) error {
 		}
 		if err := r.connect(l); err != nil {
 			l.attempt++
-			l.retryAt = now.Add(backoff(l.attempt))
+			l.retryAt = now.Add(retryDelay(l.attempt, err))
 			r.mu.Lock()
 			r.lastErr = err
 			r.mu.Unlock()
@@ -420,6 +420,14 @@ func (r *ShardedRedisBroker) refresh() error {
 // connect opens the link of one node and subscribes its wanted topics.
 func (r *ShardedRedisBroker) connect(l *shardLink) error {
 	nodeClient, err := r.client(l.node)
+	if err != nil {
+		return err
+	}
+	// Not up while the node loads its data set (it would accept SSUBSCRIBE
+	// and refuse the history reads that follow link-up): see RedisBroker.
+	rctx, rcancel := context.WithTimeout(context.Background(), r.opts.ProbeTimeout)
+	err = readable(rctx, nodeClient)
+	rcancel()
 	if err != nil {
 		return err
 	}
@@ -716,11 +724,6 @@ func (r *ShardedRedisBroker) probe(now time.Time) {
 			})
 		}
 	}
-}
-
-// isRedirect reports a reply that says the slot is served elsewhere.
-func isRedirect(err error) bool {
-	return strings.HasPrefix(err.Error(), "MOVED") || strings.Contains(err.Error(), "CROSSSLOT")
 }
 
 func (r *ShardedRedisBroker) onMessage(l *shardLink, m rueidis.PubSubMessage) {

@@ -23,6 +23,10 @@ type holdState struct {
 	held   []*hub.Message
 	repair bool   // a repair (else a resume at connect)
 	gen    uint32 // the repair it belongs to
+	// since, on a repair hold, is what a client that connected with since
+	// while the link was down sent (deferResume): its resume is done by the
+	// repair once the link is back. Nil otherwise.
+	since *string
 }
 
 // replayOut is what a finished replay puts around the held frames.
@@ -275,13 +279,13 @@ const historyWait = 2 * time.Second
 // subscription is confirmed and before the upgrade response: the replay is
 // the first thing the client receives.
 func (g *Gateway) resume(ctx context.Context, s *session, since string) {
-	s.mu.Lock()
-	down := s.toldDown
-	s.mu.Unlock()
+	if g.deferResume(s, since) {
+		return
+	}
 	out := &replayOut{}
 	var rep broker.Replay
 	switch {
-	case g.opts.History == nil || down:
+	case g.opts.History == nil:
 		rep.Reason = broker.ReasonUnavailable
 	case since == "": // a client that has seen nothing yet: only its position
 		if id, ok := g.newest(ctx, s.user); ok {
@@ -338,6 +342,30 @@ func (g *Gateway) admitted(entries [][]byte) [][]byte {
 		return entries
 	}
 	return keep
+}
+
+// deferResume turns the resume of a client that connects while the link is
+// down (Redis unreachable, or still loading its data) into a repair: the
+// client is told connection.degraded now, and once the link is back (history
+// readable) the repair sends the replay from since (or resume.incomplete),
+// resume.position and connection.restored. Answering now could only say
+// "unavailable" and lose the client's position. It reports whether it did.
+func (g *Gateway) deferResume(s *session, since string) bool {
+	s.mu.Lock()
+	if g.opts.History == nil || !s.toldDown || s.hold == nil || s.hold.repair || s.closing {
+		s.mu.Unlock()
+		return false
+	}
+	// The resume hold keeps connection.degraded (a frame of the gateway's
+	// own): queue it, then hold live frames for the repair.
+	s.releaseHoldLocked(nil)
+	s.hold = &holdState{repair: true, gen: s.repairGen, since: &since}
+	sched := s.needScheduleLocked()
+	s.mu.Unlock()
+	if sched {
+		s.writer.schedule(s)
+	}
+	return true
 }
 
 // newest reads the newest id of user's history (emptyHistory: none).
@@ -447,6 +475,10 @@ func (g *Gateway) repair(queued []queuedRepair) {
 	type job struct {
 		s     *session
 		since notify.ID
+		// resume: the client connected with this since while the link was
+		// down (deferResume); nil for a connection repaired after an outage.
+		resume *string
+		valid  bool // resume parses (the empty position included)
 	}
 	gens := make(map[*session]uint32, len(queued))
 	batch := make([]*session, 0, len(queued))
@@ -465,12 +497,24 @@ func (g *Gateway) repair(queued []queuedRepair) {
 		s.mu.Lock()
 		// Only the repair of the link state the session is in now: after a
 		// quick down → up → down, the hold belongs to the second outage.
-		if s.hold == nil || !s.hold.repair || s.lastID == nil || s.hold.gen != gens[s] || s.toldDown {
+		if s.hold == nil || !s.hold.repair || (s.lastID == nil && s.hold.since == nil) || s.hold.gen != gens[s] || s.toldDown {
 			s.mu.Unlock()
 			continue
 		}
-		j := job{s: s, since: *s.lastID}
+		j := job{s: s, resume: s.hold.since}
+		if s.lastID != nil {
+			j.since = *s.lastID
+		}
 		s.mu.Unlock()
+		if j.resume != nil {
+			// The entries after since; for an empty or invalid since only
+			// the newest id (read with the zero id).
+			id, ok := notify.ParseID(*j.resume)
+			j.valid = ok || *j.resume == notify.EmptyPosition || *j.resume == ""
+			if ok {
+				j.since = id
+			}
+		}
 		key := s.user + "\x00" + j.since.String()
 		k, ok := keys[key]
 		if !ok {
@@ -489,6 +533,10 @@ func (g *Gateway) repair(queued []queuedRepair) {
 		for k, rep := range results {
 			rep.Entries = g.admitted(rep.Entries)
 			for _, j := range jobs[i+k] {
+				if j.resume != nil {
+					j.s.finishHold(true, gens[j.s], g.deferredResume(now, *j.resume, j.valid, j.since, rep))
+					continue
+				}
 				out := &replayOut{suffix: systemMessage(restoredFrame(now, rep.Reason == ""))}
 				if rep.Reason == "" {
 					base := j.since
@@ -502,6 +550,50 @@ func (g *Gateway) repair(queued []queuedRepair) {
 			jobs[i+k] = nil
 		}
 	}
+}
+
+// deferredResume is what a client that connected with since while the link
+// was down gets once it is back, from rep (the history read after since, or
+// after the zero id when since is empty or invalid): what a resume at
+// connect would have sent, then connection.restored, complete only if the
+// replay was.
+func (g *Gateway) deferredResume(now time.Time, since string, valid bool, id notify.ID, rep broker.Replay) *replayOut {
+	out := &replayOut{}
+	reason := rep.Reason
+	switch {
+	case !valid:
+		reason = broker.ReasonInvalid
+		if rep.Reason != broker.ReasonUnavailable {
+			out.position = positionOf(rep.Newest)
+		}
+	case since == "" && rep.Reason != broker.ReasonUnavailable:
+		// A client that has seen nothing: only its position; what was
+		// published while it waited is unknown to it.
+		out.position, reason = positionOf(rep.Newest), "new"
+	case rep.Reason == "":
+		out.base, out.entries, out.position = &id, rep.Entries, &rep.Last
+		reason = "complete"
+	case rep.Reason != broker.ReasonUnavailable:
+		newest := rep.Newest
+		out.position = &newest
+	}
+	switch reason {
+	case "complete", "new":
+	default:
+		out.prefix = systemMessage(resumeIncompleteFrame(since, reason))
+	}
+	g.m.Resumes.WithLabelValues(reason).Inc()
+	out.suffix = systemMessage(restoredFrame(now, reason == "complete"))
+	return out
+}
+
+// positionOf is where a reader of a history whose newest id is newest
+// stands (emptyHistory: none).
+func positionOf(newest notify.ID) *notify.ID {
+	if newest == (notify.ID{}) {
+		return emptyHistory
+	}
+	return &newest
 }
 
 // closeRevoked closes, after an outage, the sessions whose tokens were

@@ -180,7 +180,7 @@ func (s *session) LinkState(up bool) {
 		}
 	case s.hold == nil || !s.hold.repair: // connected while down: nothing to repair from
 		frame = restoredFrame(time.Now(), false)
-	case s.lastID != nil && s.gw.opts.History != nil:
+	case (s.lastID != nil || s.hold.since != nil) && s.gw.opts.History != nil:
 		s.hold.gen = s.repairGen
 		gen := s.repairGen
 		s.mu.Unlock()

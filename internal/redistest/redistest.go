@@ -84,13 +84,18 @@ func StartOnPort(dir string, port int, extraArgs ...string) (*Server, error) {
 	return s, nil
 }
 
-func (s *Server) launch() error {
+func (s *Server) launch() error { return s.launchWaiting(false) }
+
+// launchWaiting starts the process and waits until it answers PING, or (with
+// loading) until it answers at all: a server loading its data set answers
+// PING with a LOADING error.
+func (s *Server) launchWaiting(loading bool) error {
 	proc, err := procgroup.Start(exec.Command("redis-server", s.args...))
 	if err != nil {
 		return fmt.Errorf("start redis-server: %w", err)
 	}
 	s.proc = proc
-	if err := s.waitReady(10 * time.Second); err != nil {
+	if err := s.waitReady(10*time.Second, loading); err != nil {
 		_ = proc.Kill()
 		return err
 	}
@@ -106,7 +111,7 @@ func (s *Server) URL() string { return "redis://" + s.Addr() }
 // Pid is the process id.
 func (s *Server) Pid() int { return s.proc.Pid() }
 
-func (s *Server) waitReady(timeout time.Duration) error {
+func (s *Server) waitReady(timeout time.Duration, loading bool) error {
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		select {
@@ -115,7 +120,8 @@ func (s *Server) waitReady(timeout time.Duration) error {
 		default:
 		}
 		reply, err := s.Do("PING")
-		if (err == nil && reply == "PONG") || (err != nil && strings.HasPrefix(err.Error(), "NOAUTH")) {
+		if (err == nil && reply == "PONG") || (err != nil && strings.HasPrefix(err.Error(), "NOAUTH")) ||
+			(loading && err != nil && strings.HasPrefix(err.Error(), "LOADING")) {
 			return nil
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -136,6 +142,32 @@ func (s *Server) Kill() {
 
 // Restart starts the server again on the same port, after Kill.
 func (s *Server) Restart() error { return s.launch() }
+
+// RestartLoading starts the server again on the same port, after Kill, and
+// returns as soon as it accepts connections: possibly while it is still
+// loading its data set (see Loading), when Restart would wait for the end.
+func (s *Server) RestartLoading() error { return s.launchWaiting(true) }
+
+// Info returns the value of one field of INFO section ("" when absent).
+func (s *Server) Info(section, field string) (string, error) {
+	text, err := s.Do("INFO", section)
+	if err != nil {
+		return "", err
+	}
+	for l := range strings.SplitSeq(text, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(l), field+":"); ok {
+			return v, nil
+		}
+	}
+	return "", nil
+}
+
+// Loading reports whether the server is loading its data set (INFO
+// persistence loading:1).
+func (s *Server) Loading() (bool, error) {
+	v, err := s.Info("persistence", "loading")
+	return v == "1", err
+}
 
 // Pause stops the process (SIGSTOP); Resume continues it.
 func (s *Server) Pause()  { _ = s.proc.Signal(syscall.SIGSTOP) }
