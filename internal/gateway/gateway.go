@@ -59,7 +59,7 @@ type Options struct {
 	// resume.incomplete "unavailable".
 	History *broker.History
 	// RevocationHold bounds how long a session whose token's revocation
-	// could not be read waits, written nothing, for Redis to confirm it
+	// could not be read waits, written no notification, for Redis to confirm it
 	// (default 10s); then it is closed with 1013 REVOCATION_UNCHECKED.
 	RevocationHold time.Duration
 

@@ -269,7 +269,7 @@ func (s *session) releaseHoldAndFlushLocked(r *replayOut) {
 }
 
 func systemMessage(payload []byte) *hub.Message {
-	return &hub.Message{Payload: payload, Frame: TextFrame(payload)}
+	return &hub.Message{Payload: payload, Frame: TextFrame(payload), Own: true}
 }
 
 // historyWait bounds a history read during a handshake.

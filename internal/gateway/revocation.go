@@ -14,7 +14,8 @@ import (
 // landing in between published its disconnect to no one here, and from
 // the confirmation on, every later one reaches the session through pub/sub.
 // When Redis cannot be read (after broker.History.RevokedAt's own retry),
-// the session is accepted but held: frames wait in its queue, unwritten,
+// the session is accepted but held: notifications wait in its queue,
+// unwritten (the gateway's own frames still go out, see heldLocked),
 // while the confirm loop reads the revocation again with backoff. It is
 // then released, closed 4004 if revoked, or closed 1013
 // REVOCATION_UNCHECKED once Options.RevocationHold has passed, so that the

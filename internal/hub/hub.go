@@ -39,6 +39,9 @@ type Message struct {
 	Frame      []byte     // Options.Encode(Payload): what connections write, encoded once
 	ID         *notify.ID // the history id publish.lua put first in Payload; nil without history
 	ReceivedAt time.Time
+	// Own marks a frame the gateway makes for one connection (connection.*,
+	// resume.*), not a notification.
+	Own bool
 
 	alt atomic.Pointer[[]byte] // a second encoding (Alt), made once for all connections
 }
